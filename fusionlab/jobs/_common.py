@@ -1,0 +1,84 @@
+"""Config → plain-object helpers shared by the jobs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fusionlab.errors import FusionlabError
+from fusionlab.models import ModelSpec
+from fusionlab.tracking import Tracker
+
+
+def to_dict(node: Any) -> Any:
+    """A resolved plain-Python copy of a config node (dicts/lists pass through)."""
+    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def model_spec(node: Any) -> ModelSpec:
+    return ModelSpec.from_dict(to_dict(node))
+
+
+def wandb_mode(mode: str | None) -> str:
+    """``null`` means offline unless the user has an API key; never touches WANDB_MODE globally."""
+    if mode is None:
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if mode not in ("online", "offline", "disabled"):
+        raise FusionlabError(f"logger.wandb.mode={mode!r}; use online, offline or disabled.")
+    return mode
+
+
+def sweep_group(cfg: DictConfig) -> str | None:
+    """The W&B group of a multirun: the sweep dir's name, so a sweep's jobs sit together."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return None
+    if hc.mode == RunMode.MULTIRUN:
+        return f"{cfg.get('job')}-{Path(hc.sweep.dir).name}"
+    return None
+
+
+def job_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def make_tracker(cfg: DictConfig, output_dir: Path) -> Tracker:
+    """One Tracker (W&B run + CSV) for a job, configured by ``cfg.logger``."""
+    logger = cfg.get("logger") or {}
+    wb = logger.get("wandb")
+    resolved = to_dict(cfg)
+    if wb is None:
+        return Tracker(output_dir, resolved, use_wandb=False)
+    name = wb.get("name") or f"{cfg.get('job')}-{output_dir.name}"
+    tags = list(wb.get("tags") or []) + [str(cfg.get("job"))]
+    return Tracker(output_dir, resolved, use_wandb=True, project=wb.get("project", "fusionlab"),
+                   mode=wandb_mode(wb.get("mode")), group=wb.get("group") or sweep_group(cfg), name=name,
+                   tags=tags, job_type=str(cfg.get("job")))
+
+
+def lightning_loggers(cfg: DictConfig, output_dir: Path) -> list:
+    """Instantiate ``cfg.logger``'s Lightning loggers, resolving W&B's mode and sweep group."""
+    from hydra.utils import instantiate
+
+    loggers = []
+    for key, node in (cfg.get("logger") or {}).items():
+        node = to_dict(node)
+        if key == "wandb":
+            node["mode"] = wandb_mode(node.get("mode"))
+            node["group"] = node.get("group") or sweep_group(cfg)
+            node.setdefault("name", f"{cfg.get('job')}-{output_dir.name}")
+        loggers.append(instantiate(node))
+    return loggers

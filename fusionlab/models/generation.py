@@ -1,0 +1,77 @@
+"""Batched generation with HF ``generate``: left padding, KV cache, stop strings."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    new_tokens: list[int]  # generated tokens per prompt (up to and including a stop)
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.new_tokens) / self.seconds if self.seconds > 0 else 0.0
+
+
+def truncate_at_stop(text: str, stop: list[str]) -> str:
+    cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def needs_special_tokens(tokenizer, prompt: str) -> bool:
+    """Add BOS when tokenizing unless the prompt (e.g. from a chat template) already starts with it.
+
+    Gemma-style models produce garbage without BOS; templates that include it must not get two.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and prompt.startswith(bos))
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 8,
+             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+             stop: list[str] | None = None, seed: int | None = None, progress: bool = True) -> GenerationResult:
+    """Generate a continuation for every prompt, ``batch_size`` prompts per ``model.generate`` call."""
+    stop = [s for s in (stop or []) if s]
+    device = next(model.parameters()).device
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    texts: list[str] = []
+    counts: list[int] = []
+    eos_ids = model.generation_config.eos_token_id
+    eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
+    if seed is not None:
+        torch.manual_seed(seed)
+    start = time.perf_counter()
+    try:
+        for i in tqdm(range(0, len(prompts), batch_size), desc="generate", disable=not progress, leave=False):
+            chunk = prompts[i:i + batch_size]
+            batch = tokenizer(chunk, return_tensors="pt", padding=True,
+                              add_special_tokens=needs_special_tokens(tokenizer, chunk[0])).to(device)
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                          pad_token_id=tokenizer.pad_token_id, use_cache=True)
+            if do_sample:
+                kwargs.update(temperature=temperature, top_p=top_p)
+            else:
+                kwargs.update(temperature=None, top_p=None, top_k=None)
+            if stop:
+                kwargs.update(stop_strings=stop, tokenizer=tokenizer)
+            out = model.generate(**batch, **kwargs)
+            new = out[:, batch["input_ids"].shape[1]:]
+            for row in new.tolist():
+                n = len(row)
+                for j, t in enumerate(row):  # stop counting at the first EOS / pad after generation ended
+                    if t in eos_ids:
+                        n = j + 1
+                        break
+                counts.append(n)
+                texts.append(truncate_at_stop(tokenizer.decode(row[:n], skip_special_tokens=True), stop))
+    finally:
+        tokenizer.padding_side = old_side
+    return GenerationResult(texts, counts, time.perf_counter() - start)

@@ -1,0 +1,181 @@
+"""Benchmarks: data loading, prompts, answer extraction and scoring.
+
+A task is a :class:`TaskDef` in the :data:`TASKS` registry. Its data comes from a small
+public file shipped in ``fusionlab/data/tasks`` (source and license beside it), from a
+user's JSONL file (``path``), or, for sets too large to ship, from HF ``datasets`` when
+the user has network. Every example is a dict with at least ``id``, ``question`` and
+``answer`` (a number for math tasks, a list of strings for QA and generation tasks).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fusionlab.errors import FusionlabError
+from fusionlab.io import read_jsonl
+from fusionlab.tasks.scoring import bleu, exact_match, extract_choice, extract_number, numbers_equal, qa_prediction
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
+
+MATH_INSTRUCTION = 'Solve the problem step by step. End your reply with "The answer is N." where N is a number.'
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    """What a task is: where its data lives, how to prompt, how to score."""
+
+    name: str
+    kind: str  # math | qa | generation | choice
+    metric: str  # accuracy | exact_match | bleu
+    data_file: str | None = None  # shipped file under fusionlab/data/tasks
+    hf_dataset: tuple[str, ...] | None = None  # (path, config, split) for datasets.load_dataset
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    fields: dict[str, str] = field(default_factory=dict)  # source field -> canonical field
+
+
+TASKS: dict[str, TaskDef] = {t.name: t for t in [
+    TaskDef("addsub", "math", "accuracy", "addsub/test.jsonl"),
+    TaskDef("gsm8k", "math", "accuracy", "gsm8k/test.jsonl", fields={"final": "answer", "answer": "solution"}),
+    TaskDef("asdiv", "math", "accuracy", "asdiv/test.jsonl"),
+    TaskDef("svamp", "math", "accuracy", "svamp/test.jsonl"),
+    TaskDef("commonsenseqa", "choice", "accuracy", "commonsenseqa/dev.jsonl"),
+    TaskDef("nq", "qa", "exact_match", None, ("nq_open", None, "validation"), max_new_tokens=32,
+            stop=("\n",)),
+    TaskDef("triviaqa", "qa", "exact_match", None, ("trivia_qa", "rc.nocontext", "validation"),
+            max_new_tokens=32, stop=("\n",)),
+    TaskDef("e2e", "generation", "bleu", "e2e/test.jsonl", max_new_tokens=64, stop=("\n",),
+            fields={"mr": "question", "references": "answer"}),
+    TaskDef("flores", "generation", "bleu", None, ("facebook/flores", "zho_Hans-eng_Latn", "devtest"),
+            max_new_tokens=128, stop=("\n",)),
+]}
+
+
+def get_task(name: str) -> TaskDef:
+    if name not in TASKS:
+        raise FusionlabError(f"Unknown task {name!r}; known tasks are {sorted(TASKS)} (task=<name>).")
+    return TASKS[name]
+
+
+def _normalise(task: TaskDef, raw: dict[str, Any], index: int) -> dict[str, Any]:
+    ex = dict(raw)
+    for src, dst in task.fields.items():
+        if src in raw:
+            ex[dst] = raw[src]
+    if task.name == "flores" and "question" not in ex:  # HF flores pairs
+        ex["question"] = ex.get("sentence_zho_Hans", ex.get("source"))
+        ex["answer"] = [ex.get("sentence_eng_Latn", ex.get("target"))]
+    if task.kind == "qa":
+        answers = ex.get("answer", ex.get("answers"))
+        if isinstance(answers, dict):  # trivia_qa's answer dict
+            answers = answers.get("aliases") or [answers.get("value")]
+        ex["answer"] = [answers] if isinstance(answers, str) else list(answers or [])
+    if task.kind == "generation" and isinstance(ex.get("answer"), str):
+        ex["answer"] = [ex["answer"]]
+    ex.setdefault("id", index)
+    missing = [k for k in ("question", "answer") if ex.get(k) is None]
+    if missing:
+        raise FusionlabError(
+            f"Example {index} of task {task.name!r} has no {missing} field(s); each JSONL line needs "
+            f"'question' and 'answer' (found keys {sorted(raw)})."
+        )
+    return ex
+
+
+def _read_hf(task: TaskDef) -> list[dict]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise FusionlabError(
+            f"Task {task.name!r} ships no data. Give a JSONL file with task.path=/path/to/{task.name}.jsonl "
+            "(fields: question, answer), or `pip install datasets` and run with network access."
+        ) from e
+    path, name, split = task.hf_dataset
+    try:
+        return list(datasets.load_dataset(path, name, split=split))
+    except Exception as e:  # no network, unknown dataset, ...
+        raise FusionlabError(
+            f"Could not load {path} for task {task.name!r} from the HF hub ({type(e).__name__}: {e}). "
+            f"Give a local JSONL file instead: task.path=/path/to/{task.name}.jsonl."
+        ) from e
+
+
+def load_examples(name: str, path: str | None = None, limit: int | None = None, seed: int = 0,
+                  shuffle: bool = False) -> list[dict[str, Any]]:
+    """Load a task's examples; ``limit`` picks the first n (or a seeded random n with ``shuffle``)."""
+    task = get_task(name)
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FusionlabError(f"Data file {str(p)!r} for task {name!r} does not exist; check task.path.")
+        rows = read_jsonl(p)
+    elif task.data_file is not None:
+        rows = read_jsonl(DATA_DIR / task.data_file)
+    else:
+        rows = _read_hf(task)
+    if not rows:
+        raise FusionlabError(f"Task {name!r} has no examples (source: {path or task.data_file or task.hf_dataset}).")
+    examples = [_normalise(task, r, i) for i, r in enumerate(rows)]
+    if shuffle:
+        random.Random(seed).shuffle(examples)
+    if limit is not None:
+        if int(limit) < 1:
+            raise FusionlabError(f"task.limit={limit} must be a positive number of examples (or null for all).")
+        examples = examples[: int(limit)]
+    return examples
+
+
+def build_messages(name: str, example: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
+    """Chat messages for one example plus the text the assistant's reply starts with."""
+    task = get_task(name)
+    q = example["question"]
+    if task.kind == "math":
+        return [{"role": "user", "content": f"{q}\n{MATH_INSTRUCTION}"}], "Let's think step by step."
+    if task.kind == "choice":
+        options = "\n".join(f"({k}) {v}" for k, v in example["choices"].items())
+        return ([{"role": "user", "content": f"{q}\nAnswer Choices:\n{options}\n"
+                  'End your reply with "The answer is X." where X is one of the letters.'}],
+                "Let's think step by step.")
+    if task.kind == "qa":
+        return [{"role": "user", "content": f"Answer the question with a short phrase.\nQuestion: {q}"}], "Answer:"
+    if task.name == "e2e":
+        return ([{"role": "user", "content": "Write one sentence describing a restaurant with these attributes: "
+                  f"{q}"}], "")
+    return [{"role": "user", "content": f"Translate the following Chinese text into English.\nChinese: {q}"}], "English:"
+
+
+def stop_strings(name: str) -> list[str]:
+    return list(get_task(name).stop)
+
+
+def extract_answer(name: str, text: str) -> Any:
+    """The prediction a task scores: a number, a choice letter, or cleaned text."""
+    task = get_task(name)
+    if task.kind == "math":
+        return extract_number(text)
+    if task.kind == "choice":
+        return extract_choice(text)
+    if task.kind == "qa":
+        return qa_prediction(text)
+    return text.strip().split("\n")[0].strip()
+
+
+def score(name: str, outputs: list[str], examples: list[dict[str, Any]]) -> tuple[dict[str, float], list[bool | None]]:
+    """Score model outputs against gold answers: (task metrics, per-example correctness or None)."""
+    task = get_task(name)
+    if len(outputs) != len(examples):
+        raise ValueError(f"{len(outputs)} outputs for {len(examples)} examples")
+    preds = [extract_answer(name, o) for o in outputs]
+    if task.metric == "bleu":
+        value = bleu(preds, [ex["answer"] for ex in examples])
+        return {"bleu": value, "n": len(examples)}, [None] * len(examples)
+    if task.kind == "math":
+        correct = [numbers_equal(p, ex["answer"]) for p, ex in zip(preds, examples)]
+    elif task.kind == "choice":
+        correct = [p is not None and p == ex["answer"] for p, ex in zip(preds, examples)]
+    else:
+        correct = [exact_match(p, ex["answer"]) for p, ex in zip(preds, examples)]
+    value = sum(correct) / len(correct) if correct else 0.0
+    return {task.metric: value, "n": len(examples)}, correct

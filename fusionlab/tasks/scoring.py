@@ -1,0 +1,72 @@
+"""Answer extraction and scores, kept free of any model code so they can be checked by hand."""
+from __future__ import annotations
+
+import re
+import string
+from typing import Sequence
+
+# 1,234 and 1234 and 12.5 and -3; a comma only groups thousands, so "1,2,3" is three numbers.
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+_TRIGGER = re.compile(r"the answer is", re.IGNORECASE)
+
+
+def _to_number(token: str) -> float:
+    value = float(token.replace(",", ""))
+    return int(value) if value.is_integer() else value
+
+
+def extract_number(text: str) -> float | int | None:
+    """EVA's rule: the first number after the last "the answer is", else the last number, else None."""
+    triggers = list(_TRIGGER.finditer(text))
+    if triggers:
+        after = _NUMBER.search(text, triggers[-1].end())
+        if after:
+            return _to_number(after.group())
+    numbers = _NUMBER.findall(text)
+    return _to_number(numbers[-1]) if numbers else None
+
+
+def numbers_equal(pred: float | int | None, gold: float | int, tol: float = 1e-4) -> bool:
+    return pred is not None and abs(float(pred) - float(gold)) <= tol * max(1.0, abs(float(gold)))
+
+
+def extract_choice(text: str) -> str | None:
+    """A multiple-choice letter A-E: after "the answer is" if present, else the last "(X)"."""
+    triggers = list(_TRIGGER.finditer(text))
+    if triggers:
+        m = re.search(r"\(?\b([A-E])\b\)?", text[triggers[-1].end():])
+        if m:
+            return m.group(1)
+    letters = re.findall(r"\(([A-E])\)", text)
+    return letters[-1] if letters else None
+
+
+def normalize_text(s: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def qa_prediction(text: str) -> str:
+    """The first non-empty line of an answer, as EVA scores NQ/TriviaQA."""
+    for line in text.strip().split("\n"):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def exact_match(pred: str, golds: Sequence[str]) -> bool:
+    p = normalize_text(pred)
+    return any(p == normalize_text(g) for g in golds)
+
+
+def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Corpus BLEU (sacrebleu) with a variable number of references per example."""
+    import sacrebleu
+
+    n_refs = max(len(r) for r in references)
+    # sacrebleu takes one stream per reference slot; missing references are None.
+    streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(n_refs)]
+    return float(sacrebleu.corpus_bleu(list(predictions), streams).score)

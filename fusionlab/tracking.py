@@ -1,0 +1,83 @@
+"""Experiment tracking for jobs: W&B (offline unless asked) and a flat CSV, closed cleanly.
+
+Every job gets one ``Tracker``; it owns one W&B run, so jobs of a sweep never merge into one
+run (``mode`` is passed per run, never through the process-wide WANDB_MODE).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+log = logging.getLogger(__name__)
+
+
+class Tracker:
+    """Log scalars, tables and images of one job to W&B and ``<output_dir>/log.csv``."""
+
+    def __init__(self, output_dir: str | os.PathLike, config: dict[str, Any] | None = None, *,
+                 use_wandb: bool = True, project: str = "fusionlab", mode: str | None = None,
+                 group: str | None = None, name: str | None = None, tags: Iterable[str] = (),
+                 job_type: str | None = None):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.csv_path = self.output_dir / "log.csv"
+        self._csv_rows: list[dict[str, Any]] = []
+        self.run = None
+        if use_wandb:
+            import wandb
+
+            if mode is None:  # offline unless the user has a key
+                mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            self.run = wandb.init(project=project, dir=str(self.output_dir), mode=mode, group=group,
+                                  name=name, tags=list(tags), job_type=job_type, config=config or {},
+                                  reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
+
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        self._csv_rows.append({"step": step, **scalars})
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
+        if self.run is None or not rows:
+            return
+        import wandb
+
+        columns = list(rows[0])
+        data = [[r.get(c) if isinstance(r.get(c), (int, float, str, bool)) or r.get(c) is None else str(r.get(c))
+                 for c in columns] for r in rows]
+        self.run.log({key: wandb.Table(columns=columns, data=data)})
+
+    def log_image(self, key: str, path: str | os.PathLike) -> None:
+        if self.run is None:
+            return
+        import wandb
+
+        self.run.log({key: wandb.Image(str(path))})
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        if self.run is not None:
+            for k, v in metrics.items():
+                self.run.summary[k] = v
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self._csv_rows:
+            fields: list[str] = []
+            for row in self._csv_rows:
+                fields += [k for k in row if k not in fields]
+            with open(self.csv_path, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(self._csv_rows)
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish(exit_code=0 if exc_type is None else 1)

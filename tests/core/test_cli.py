@@ -1,0 +1,78 @@
+"""The CLI end to end through ``python -m fusionlab.run``, and its answers to bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusionlab.io import read_jsonl
+from tests.conftest import REPO
+
+TINY_EVAL = ["+experiment=eval_addsub", "model=tiny_llama", "task.limit=3", "generation.max_new_tokens=6"]
+
+
+def fusionlab_run(args: list[str], tmp_path: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "0"}
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run([sys.executable, "-m", "fusionlab.run", *args, f"hydra.run.dir={tmp_path}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_eval_writes_metrics_predictions_and_offline_wandb(tmp_path):
+    proc = fusionlab_run(TINY_EVAL, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["job"] == "evaluate"
+    assert metrics["task"] == "addsub" and metrics["model"] == "tiny_llama" and metrics["n"] == 3
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["tokens_per_s"] > 0
+    rows = read_jsonl(tmp_path / "predictions.jsonl")
+    assert len(rows) == 3
+    assert set(rows[0]) >= {"prompt", "output", "extracted", "gold", "correct"}
+    assert sum(r["correct"] for r in rows) / 3 == pytest.approx(metrics["accuracy"])
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "an offline W&B run is written"
+    assert (tmp_path / "log.csv").read_text().startswith("step,")
+
+
+@pytest.mark.slow
+def test_eval_addsub_on_embedded_smollm2(tmp_path):
+    proc = fusionlab_run(["+experiment=eval_addsub", "task.limit=2", "generation.max_new_tokens=24"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["model"] == "smollm2_135m" and 0.0 <= metrics["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model=hf", "model.path=/no/such/model_dir"], "/no/such/model_dir"),
+    (["task.path=/no/such/data.jsonl"], "/no/such/data.jsonl"),
+    (["job=nonsense"], "Unknown job 'nonsense'"),
+    (["model.dtype=float33"], "float33"),
+])
+def test_user_errors_are_one_paragraph_exit_2(tmp_path, args, needle):
+    proc = fusionlab_run([*TINY_EVAL, *args], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "predictions.jsonl").exists()
+
+
+def test_empty_data_file(tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    proc = fusionlab_run([*TINY_EVAL, f"task.path={data}"], tmp_path / "run")
+    assert proc.returncode == 2 and "no examples" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["model=no_such_model"], "no_such_model"),
+    (["+experiment=no_such_experiment"], "no_such_experiment"),
+    (["generation.max_new_tokenz=3"], "max_new_tokenz"),
+])
+def test_unknown_config_options_fail_at_compose(tmp_path, args, needle):
+    proc = fusionlab_run([*TINY_EVAL, *args], tmp_path)
+    assert proc.returncode != 0
+    assert needle in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,103 @@
+"""Answer extraction and scoring against hand-computed values; data loading and its errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fusionlab.errors import FusionlabError
+from fusionlab.tasks import TASKS, build_messages, load_examples, score
+from fusionlab.tasks.scoring import bleu, exact_match, extract_choice, extract_number, normalize_text
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("So she gave 43 shells. The answer is 43.", 43),
+    ("The answer is 1,234 apples", 1234),
+    ("First 3, then 5. The answer is -7.", -7),
+    ("the answer is 9.43 dollars", 9.43),
+    ("The answer is 5. Wait, the answer is 6.", 6),  # the last trigger wins
+    ("We had 12 then 15 left", 15),  # no trigger: last number
+    ("numbers 1,2,3", 3),  # commas that do not group thousands separate numbers
+    ("It costs $0.5 each", 0.5),
+    ("I do not know.", None),
+    ("The answer is unknown, maybe 8", 8),
+])
+def test_extract_number(text, expected):
+    assert extract_number(text) == expected
+
+
+def test_extract_choice_and_normalisation():
+    assert extract_choice("... so (B) is wrong. The answer is (C).") == "C"
+    assert extract_choice("I pick (A) or maybe (D)") == "D"
+    assert extract_choice("no idea") is None
+    assert normalize_text("The  Eiffel Tower!") == "eiffel tower"
+    assert exact_match("the Eiffel tower.", ["Eiffel Tower", "Tour Eiffel"])
+    assert not exact_match("Paris", ["Eiffel Tower"])
+
+
+def test_math_accuracy_hand_computed():
+    examples = [{"id": 0, "question": "q", "answer": 43}, {"id": 1, "question": "q", "answer": 9.43},
+                {"id": 2, "question": "q", "answer": 5}]
+    outputs = ["The answer is 43.", "so 9.430 it is", "The answer is 6."]
+    metrics, correct = score("addsub", outputs, examples)
+    assert correct == [True, True, False]
+    assert metrics == {"accuracy": pytest.approx(2 / 3), "n": 3}
+
+
+def test_exact_match_and_bleu_hand_computed():
+    examples = [{"id": 0, "question": "q", "answer": ["Paris"]}, {"id": 1, "question": "q", "answer": ["4"]}]
+    metrics, correct = score("nq", ["Paris\nmore text", "five"], examples)
+    assert correct == [True, False] and metrics["exact_match"] == 0.5
+    # identical hypothesis and reference: BLEU 100; no overlap at all: 0
+    assert bleu(["the cat sat on the mat"], [["the cat sat on the mat"]]) == pytest.approx(100.0)
+    assert bleu(["xyz uvw"], [["the cat sat on the mat"]]) == pytest.approx(0.0)
+    # one reference among several matching is enough
+    assert bleu(["the cat sat on the mat"], [["a dog", "the cat sat on the mat"]]) == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("name,n", [("addsub", 395), ("gsm8k", 1319), ("asdiv", 2159), ("svamp", 1000),
+                                    ("e2e", 630), ("commonsenseqa", 1221)])
+def test_shipped_data_counts(name, n):
+    examples = load_examples(name)
+    assert len(examples) == n
+    assert all("question" in e and e["answer"] is not None for e in examples[:20])
+
+
+def test_gsm8k_gold_is_the_final_number():
+    ex = load_examples("gsm8k", limit=1)[0]
+    assert ex["answer"] == 18 and "####" in ex["solution"]
+
+
+def test_limit_and_seeded_shuffle():
+    assert [e["id"] for e in load_examples("addsub", limit=3)] == [1, 2, 3]
+    a = load_examples("addsub", limit=5, seed=1, shuffle=True)
+    b = load_examples("addsub", limit=5, seed=1, shuffle=True)
+    c = load_examples("addsub", limit=5, seed=2, shuffle=True)
+    assert [e["id"] for e in a] == [e["id"] for e in b] != [e["id"] for e in c]
+
+
+def test_user_jsonl_and_errors(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text(json.dumps({"question": "Capital of France?", "answer": "Paris"}) + "\n")
+    ex = load_examples("triviaqa", path=str(path))
+    assert ex[0]["answer"] == ["Paris"]
+    with pytest.raises(FusionlabError, match="does-not-exist.jsonl"):
+        load_examples("addsub", path=str(tmp_path / "does-not-exist.jsonl"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(FusionlabError, match="no examples"):
+        load_examples("addsub", path=str(empty))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"q": "x"}) + "\n")
+    with pytest.raises(FusionlabError, match="question"):
+        load_examples("addsub", path=str(bad))
+    with pytest.raises(FusionlabError, match="Unknown task 'nope'"):
+        load_examples("nope")
+
+
+def test_prompts_cover_every_task():
+    for name in TASKS:
+        ex = {"id": 0, "question": "Q?", "answer": ["a"], "choices": {"A": "x", "B": "y"}}
+        messages, prefix = build_messages(name, ex)
+        assert messages[-1]["role"] == "user" and "Q?" in messages[-1]["content"]
+        assert isinstance(prefix, str)
