@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,9 @@ from fusionlab.io import write_json
 log = logging.getLogger("fusionlab")
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# conf/hydra/launcher/*.yaml share their names with the launcher plugins' schemas on purpose (so a
+# mistyped launcher option fails); Hydra warns about that matching on every run.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
 
 
 def _job_module(name: str):
@@ -49,13 +53,22 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     metrics = job.run(cfg, output_dir)
     metrics = {"job": cfg.job, **metrics, "wall_s": round(time.perf_counter() - start, 3), "status": "ok"}
-    write_json(output_dir / "metrics.json", metrics)
-    log.info("Wrote %s", output_dir / "metrics.json")
+    if _is_global_rank_zero():  # multi-GPU jobs run this function once per rank
+        write_json(output_dir / "metrics.json", metrics)
+        log.info("Wrote %s", output_dir / "metrics.json")
     return metrics
+
+
+def _is_global_rank_zero() -> bool:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def _record_failure(cfg: DictConfig, err: BaseException) -> None:
     """Leave a readable trace of a failed job in its output dir (sweeps report it as failed)."""
+    if not _is_global_rank_zero():
+        return
     try:
         output_dir = Path(cfg.paths.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)

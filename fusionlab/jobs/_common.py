@@ -59,7 +59,7 @@ def make_tracker(cfg: DictConfig, output_dir: Path) -> Tracker:
     """One Tracker (W&B run + CSV) for a job, configured by ``cfg.logger``."""
     logger = cfg.get("logger") or {}
     wb = logger.get("wandb")
-    resolved = to_dict(cfg)
+    resolved = {k: to_dict(v) for k, v in cfg.items() if k != "hydra"}  # hydra's own node is not ours to log
     if wb is None:
         return Tracker(output_dir, resolved, use_wandb=False)
     name = wb.get("name") or f"{cfg.get('job')}-{output_dir.name}"

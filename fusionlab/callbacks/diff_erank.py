@@ -1,0 +1,124 @@
+"""Diff-eRank of the model being trained, at every checkpoint (or validation), on a fixed text set.
+
+The untrained twin (same config, seed ``seed``) is built once, evaluated once and freed: its
+entropies are cached, so each later evaluation costs one no-grad pass of the trained model.
+Logs ``diff_erank/erank_trained``, ``diff_erank/erank_untrained``, ``diff_erank/diff_erank``
+(the ``average`` given) and the ``_geo`` / ``_arith`` variants.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import lightning
+import torch
+
+from fusionlab.errors import FusionlabError
+from fusionlab.metrics.diff_erank import (DiffERankResult, DiffERankSettings, load_texts, model_entropies,
+                                          tokenize, untrained_twin)
+
+log = logging.getLogger(__name__)
+
+
+class DiffERankCallback(lightning.Callback):
+    """Log the Diff-eRank of ``pl_module.<model_attr>`` (a transformers model) during training.
+
+    Args:
+        texts: a JSONL path, a list of strings, or None for the text set shipped with fusionlab.
+        tokenizer: a tokenizer object, an embedded model name / HF dir to load one from, or None to
+            use ``pl_module.tokenizer``.
+        trigger: ``validation`` (end of each validation epoch, sanity check excluded; values go through
+            ``pl_module.log`` so ModelCheckpoint can monitor them) or ``checkpoint`` (each save,
+            logged to the trainer's loggers and stored in the checkpoint).
+    """
+
+    def __init__(self, texts: str | Sequence[str] | None = None, text_field: str = "text", limit: int | None = 16,
+                 layers: Any = "last", batch_size: int = 8, max_length: int = 256, average: str = "geometric",
+                 seed: int = 0, tokenizer: Any = None, model_attr: str = "model", trigger: str = "checkpoint",
+                 prefix: str = "diff_erank"):
+        if trigger not in ("validation", "checkpoint"):
+            raise FusionlabError(f"DiffERankCallback trigger={trigger!r}: use 'validation' or 'checkpoint'.")
+        self.settings = DiffERankSettings.from_dict(dict(
+            layers=layers if isinstance(layers, (str, int)) else list(layers), batch_size=batch_size,
+            max_length=max_length, average=average, seed=seed, limit=limit, text_field=text_field,
+            texts=texts if isinstance(texts, str) or texts is None else None))
+        if texts is None or isinstance(texts, str):
+            self.texts = load_texts(texts, text_field, limit)
+        else:
+            self.texts = list(texts)[:limit] if limit else list(texts)
+            if not self.texts:
+                raise FusionlabError("DiffERankCallback got an empty list of texts; give it at least one text.")
+        self.tokenizer = tokenizer
+        self.model_attr = model_attr
+        self.trigger = trigger
+        self.prefix = prefix
+        self._tokens: list[list[int]] | None = None
+        self._n_skipped = 0
+        self._untrained: torch.Tensor | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _model(self, pl_module):
+        model = getattr(pl_module, self.model_attr, None)
+        if not isinstance(model, torch.nn.Module):
+            raise FusionlabError(f"DiffERankCallback needs the transformers model at pl_module.{self.model_attr}; "
+                                 f"{type(pl_module).__name__} has none. Set model_attr to the right attribute.")
+        return model
+
+    def _token_ids(self, pl_module) -> list[list[int]]:
+        if self._tokens is None:
+            tok = self.tokenizer if self.tokenizer is not None else getattr(pl_module, "tokenizer", None)
+            if tok is None:
+                raise FusionlabError("DiffERankCallback needs a tokenizer: pass tokenizer= (an embedded model name or "
+                                     f"HF dir) or give {type(pl_module).__name__} a `tokenizer` attribute.")
+            if isinstance(tok, str):
+                from fusionlab.models import EMBEDDED_MODELS, ModelSpec, load_tokenizer
+
+                tok = load_tokenizer(ModelSpec(name=tok, source="embedded" if tok in EMBEDDED_MODELS else "hf",
+                                               path=tok))
+            self.tokenizer = tok
+            self._pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+            self._tokens, self._n_skipped = tokenize(tok, self.texts, self.settings.max_length,
+                                                     self.settings.add_special_tokens)
+        return self._tokens
+
+    def compute(self, pl_module) -> dict[str, float]:
+        """Diff-eRank of the module's model now; the untrained twin's entropies are computed once."""
+        model = self._model(pl_module)
+        ids = self._token_ids(pl_module)
+        s = self.settings
+        layers, trained = model_entropies(model, ids, s.layers, s.batch_size, self._pad_id, desc="eRank")
+        if self._untrained is None:
+            params = next(model.parameters())
+            twin = untrained_twin(model.config, s.seed, dtype=params.dtype, device=params.device)
+            _, self._untrained = model_entropies(twin, ids, layers, s.batch_size, self._pad_id, desc="eRank untrained")
+            del twin
+            if params.device.type == "cuda":
+                torch.cuda.empty_cache()
+        result = DiffERankResult(layers=layers, trained=trained, untrained=self._untrained, n_skipped=self._n_skipped)
+        metrics = {k: float(v) for k, v in result.metrics(f"{self.prefix}/", s.average).items()
+                   if not k.endswith(("/layer", "/n_texts", "/n_skipped"))}
+        if len(layers) > 1:
+            for k, layer in enumerate(layers[:-1]):
+                metrics[f"{self.prefix}/layer{layer}/diff_erank"] = result.layer_summary(k)[
+                    "diff_erank_geo" if s.average == "geometric" else "diff_erank_arith"]
+        self.last_metrics = metrics
+        return metrics
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: "lightning.Trainer", pl_module: "lightning.LightningModule") -> None:
+        if self.trigger != "validation" or trainer.sanity_checking:
+            return
+        metrics = self.compute(pl_module)
+        for key, value in metrics.items():
+            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
+
+    def on_save_checkpoint(self, trainer: "lightning.Trainer", pl_module: "lightning.LightningModule",
+                           checkpoint: dict[str, Any]) -> None:
+        if self.trigger != "checkpoint":
+            return
+        metrics = self.compute(pl_module)
+        checkpoint["diff_erank"] = metrics
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)

@@ -1,0 +1,87 @@
+"""Conversations rendered in the pivot's chat template, with assistant character spans.
+
+Every model sees the SAME text (the pivot's rendering), so token alignment is a question of
+character offsets. Assistant spans mark which characters are trained on; a token is an
+assistant token when its span overlaps one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from fusionlab.errors import FusionlabError
+from fusionlab.io import read_jsonl
+
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                "bot": "assistant", "model": "assistant", "system": "system"}
+
+
+def load_conversations(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Read a ShareGPT-like jsonl (``conversations: [{from, value}]``) or ``messages: [{role, content}]``.
+
+    Returns ``[{"id": str, "messages": [{"role", "content"}]}]``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FusionlabError(f"Conversation file {str(path)!r} does not exist; set distill.data.path "
+                             "to a jsonl with `conversations` or `messages` per line.")
+    rows = read_jsonl(path)
+    out = []
+    for n, row in enumerate(rows[: limit if limit else None]):
+        turns = row.get("messages") or row.get("conversations")
+        if not turns:
+            raise FusionlabError(f"Line {n + 1} of {path} has no `conversations`/`messages` list.")
+        messages = []
+        for t in turns:
+            role = t.get("role", t.get("from"))
+            if role not in ROLE_ALIASES:
+                raise FusionlabError(f"Line {n + 1} of {path}: unknown role {role!r}; use one of {sorted(ROLE_ALIASES)}.")
+            messages.append({"role": ROLE_ALIASES[role], "content": t.get("content", t.get("value", ""))})
+        out.append({"id": str(row.get("id", n)), "messages": messages})
+    return out
+
+
+def render(tokenizer, messages: list[dict[str, str]], include_eot: bool = True) -> tuple[str, list[tuple[int, int]]]:
+    """Render ``messages`` with the tokenizer's chat template; return (text, assistant char spans).
+
+    Each assistant message's content is located in the rendered text in order. With
+    ``include_eot`` the span also covers the end-of-turn marker (the tokenizer's eos text)
+    right after it, so the model learns to stop.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    else:  # plain-text fallback for template-less (base) pivots
+        text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages)
+    spans, cursor = [], 0
+    eot = getattr(tokenizer, "eos_token", None)
+    for m in messages:
+        if not m["content"]:
+            continue
+        start = text.find(m["content"], cursor)
+        if start < 0:  # templates that strip/trim content: match the stripped form
+            start = text.find(m["content"].strip(), cursor)
+            if start < 0:
+                raise FusionlabError("The pivot's chat template changed a message's text; cannot locate "
+                                     f"{m['content'][:40]!r} in the rendering. Use a template that keeps content verbatim.")
+            end = start + len(m["content"].strip())
+        else:
+            end = start + len(m["content"])
+        cursor = end
+        if m["role"] != "assistant":
+            continue
+        if include_eot and eot:
+            rest = text[end:]
+            stripped = rest.lstrip(" ")
+            if stripped.startswith(eot):
+                end += len(rest) - len(stripped) + len(eot)
+        spans.append((start, end))
+    return text, spans
+
+
+def dataset_fingerprint(conversations: list[dict[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for c in conversations:
+        h.update(json.dumps(c, sort_keys=True, ensure_ascii=False).encode())
+    return h.hexdigest()[:16]

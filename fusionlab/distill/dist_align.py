@@ -1,0 +1,159 @@
+"""Source distributions moved onto the pivot's tokens and vocabulary; the fused training set.
+
+At pivot position i with a usable source position j (spans end at the same character, or a
+1-1 DTW pair) the source's top-k ids at j are mapped into the pivot vocabulary (a vocab map
+from :mod:`fusionlab.distill.vocab`); unmapped ids and duplicates are dropped, keeping the
+higher logit. Elsewhere the target is one-hot on the NEXT pivot token (FuseLLM used the
+current token: an off-by-one), i.e. the fusion loss falls back to the CLM loss there.
+Padding slots have id -1.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fusionlab.distill.token_align import align_tokens
+from fusionlab.distill.vocab import build_vocab_map, count_coalignments, strip_marker
+from fusionlab.errors import FusionlabError
+
+log = logging.getLogger(__name__)
+
+
+def dedupe_topk(ids: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Blank (-1 / -inf) invalid ids and repeats within each row; rows are sorted by logit, first wins."""
+    ids = ids.copy()
+    logits = logits.astype(np.float32).copy()
+    k = ids.shape[-1]
+    eq = ids[..., :, None] == ids[..., None, :]
+    dup = (eq & np.tril(np.ones((k, k), dtype=bool), -1)).any(-1)
+    bad = dup | (ids < 0)
+    ids[bad] = -1
+    logits[bad] = -np.inf
+    return ids, logits
+
+
+def align_distribution(pivot_ids: np.ndarray, matched: np.ndarray, source_topk_ids: np.ndarray,
+                       source_topk_logits: np.ndarray, vocab_map: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Top-k (ids, logits) [Lp, k] in the pivot vocab; returns also the number of one-hot positions."""
+    lp = len(pivot_ids)
+    ids = np.full((lp, k), -1, dtype=np.int64)
+    logits = np.full((lp, k), -np.inf, dtype=np.float32)
+    use = matched >= 0
+    kk = min(k, source_topk_ids.shape[1])
+    if use.any():
+        src = matched[use]
+        mapped, lg = dedupe_topk(vocab_map[source_topk_ids[src, :kk].astype(np.int64)], source_topk_logits[src, :kk])
+        ids[use, :kk], logits[use, :kk] = mapped, lg
+    onehot = ~(ids >= 0).any(-1)
+    onehot[-1:] = False  # the last position has no next token (and no label)
+    rows = np.flatnonzero(onehot)
+    ids[rows, 0] = pivot_ids[rows + 1]
+    logits[rows, 0] = 0.0
+    return ids, logits, int(onehot.sum())
+
+
+def _pad_k(a: np.ndarray, k: int, fill) -> np.ndarray:
+    if a.shape[1] >= k:
+        return a[:, :k]
+    return np.concatenate([a, np.full((a.shape[0], k - a.shape[1]), fill, dtype=a.dtype)], axis=1)
+
+
+def build_fused_dataset(pivot: dict[str, dict], sources: list[dict[str, dict]], pivot_surfaces: list[str],
+                        source_surfaces: list[list[str]], *, method: str = "ms", k: int = 10,
+                        substring_weight: float = 0.1, one_to_one: bool = True,
+                        min_exact_rate: float = 0.2, names: list[str] | None = None) -> tuple[list[dict], dict[str, Any]]:
+    """Fused training records (pivot = model 0, then each source) and alignment statistics."""
+    names = names or [f"source{m}" for m in range(len(sources))]
+    ids = [sid for sid in pivot if all(sid in s for s in sources)]
+    stats: dict[str, Any] = {"samples": len(ids), "dropped_missing": len(pivot) - len(ids)}
+    if not ids:
+        raise FusionlabError("No sample has representations from the pivot and every source (all empty, NaN or "
+                             "without assistant tokens); check the conversation data and max_length.")
+    piv_strings = {sid: [strip_marker(pivot_surfaces[t]) for t in pivot[sid]["input_ids"]] for sid in ids}
+    per_source = []
+    for m, (src, surf) in enumerate(zip(sources, source_surfaces)):
+        aligns, pairs, n_exact, n_tok = {}, [], 0, 0
+        for sid in ids:
+            p, s = pivot[sid], src[sid]
+            if len(s["input_ids"]) and int(s["input_ids"].max()) >= len(surf):
+                raise FusionlabError(f"Source {names[m]!r} has token ids beyond its tokenizer ({len(surf)}); "
+                                     "its representations were made with another tokenizer.")
+            a = align_tokens(p["offsets"], s["offsets"], piv_strings[sid],
+                             [strip_marker(surf[t]) for t in s["input_ids"]], substring_weight, one_to_one)
+            aligns[sid] = a
+            pi, sj = a.pairs()
+            pairs.append((s["input_ids"][sj], p["input_ids"][pi]))
+            n_exact += int(a.exact.sum())
+            n_tok += len(a.exact)
+        exact_rate = n_exact / max(n_tok, 1)
+        if exact_rate < min_exact_rate:
+            raise FusionlabError(
+                f"Source {names[m]!r} cannot be aligned to the pivot: only {exact_rate:.1%} of pivot tokens end "
+                f"where a source token ends (need ≥ {min_exact_rate:.0%}). Its tokenizer must give character "
+                "offsets of the same text (a fast tokenizer); check that it is the right tokenizer for the model.")
+        counts = count_coalignments(pairs) if method == "ms" else None
+        used = np.unique(np.concatenate([src[sid]["topk_ids"].ravel() for sid in ids]))
+        vmap = build_vocab_map(method, used, surf, pivot_surfaces, counts=counts, substring_weight=substring_weight)
+        coverage = float((vmap[used] >= 0).mean()) if len(used) else 0.0
+        stats[f"{names[m]}/exact_rate"] = round(exact_rate, 4)
+        stats[f"{names[m]}/vocab_coverage"] = round(coverage, 4)
+        per_source.append((aligns, vmap))
+    records = []
+    onehots = [0] * len(sources)
+    for sid in ids:
+        p = pivot[sid]
+        tids = [_pad_k(p["topk_ids"].astype(np.int64), k, -1)]
+        tlog = [_pad_k(p["topk_logits"].astype(np.float32), k, -np.inf)]
+        ces = [p["ce"]]
+        for m, (src, (aligns, vmap)) in enumerate(zip(sources, per_source)):
+            s = src[sid]
+            i_, l_, n1 = align_distribution(p["input_ids"].astype(np.int64), aligns[sid].matched, s["topk_ids"],
+                                            s["topk_logits"], vmap, k)
+            onehots[m] += n1
+            tids.append(i_)
+            tlog.append(l_)
+            ces.append(s["ce"])
+        records.append({"id": sid, "input_ids": p["input_ids"].astype(np.int64), "assistant": p["assistant"],
+                        "target_ids": np.stack(tids), "target_logits": np.stack(tlog),
+                        "ce": np.asarray(ces, dtype=np.float32)})
+    n_tok = sum(len(r["input_ids"]) for r in records)
+    for m, name in enumerate(names):
+        stats[f"{name}/onehot_rate"] = round(onehots[m] / max(n_tok, 1), 4)
+    return records, stats
+
+
+def save_fused(records: list[dict], path: str | os.PathLike) -> None:
+    """One safetensors file, flat over tokens (no padding), plus ``<path>.json`` with the ids."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = {"lengths": np.asarray([len(r["input_ids"]) for r in records], dtype=np.int64),
+         "input_ids": np.concatenate([r["input_ids"] for r in records]),
+         "assistant": np.concatenate([r["assistant"] for r in records]).astype(np.uint8),
+         # [M, ΣL, k]
+         "target_ids": np.concatenate([r["target_ids"] for r in records], axis=1).astype(np.int32),
+         "target_logits": np.concatenate([r["target_logits"] for r in records], axis=1),
+         "ce": np.stack([r["ce"] for r in records])}
+    tmp = path.with_suffix(".tmp")
+    save_file(t, str(tmp))
+    os.replace(tmp, path)
+    Path(str(path) + ".json").write_text(json.dumps([r["id"] for r in records]))
+
+
+def load_fused(path: str | os.PathLike) -> list[dict]:
+    from safetensors.numpy import load_file
+
+    t = load_file(str(path))
+    ids = json.loads(Path(str(path) + ".json").read_text())
+    bounds = np.concatenate([[0], np.cumsum(t["lengths"])])
+    return [{"id": sid, "input_ids": t["input_ids"][bounds[n]:bounds[n + 1]].astype(np.int64),
+             "assistant": t["assistant"][bounds[n]:bounds[n + 1]].astype(bool),
+             "target_ids": t["target_ids"][:, bounds[n]:bounds[n + 1]].astype(np.int64),
+             "target_logits": t["target_logits"][:, bounds[n]:bounds[n + 1]], "ce": t["ce"][n]}
+            for n, sid in enumerate(ids)]

@@ -1,0 +1,132 @@
+"""FuseLightningModule: a causal LM trained on λ·CLM + (1−λ)·fusion over assistant tokens.
+
+The optimizer and scheduler arrive as callables (Hydra ``_partial_`` configs):
+``optimizer(params) -> Optimizer`` and ``scheduler(optimizer[, total_steps=...]) -> LRScheduler``
+(``total_steps`` is passed when the callable accepts it), stepped every optimizer step.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import time
+from typing import Any, Callable
+
+import lightning as L
+import torch
+
+from fusionlab.distill.loss import FUSION_MODES, LOSS_TYPES, fusion_loss
+from fusionlab.errors import FusionlabError
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float = 0.03,
+                  min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup for ``warmup_ratio`` of the steps, then cosine decay (FuseChat's schedule)."""
+    total = max(int(total_steps), 1)
+    warm = int(math.ceil(warmup_ratio * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(total - warm, 1))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Architecture identity (config + parameter shapes): a checkpoint of another model must not load."""
+    cfg = getattr(model, "config", None)
+    cfg_d = cfg.to_dict() if cfg is not None else {}
+    keep = {k: cfg_d.get(k) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
+                                       "intermediate_size", "num_attention_heads", "num_key_value_heads")}
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    return hashlib.sha256(json.dumps([keep, shapes], default=str).encode()).hexdigest()[:16]
+
+
+class FuseLightningModule(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+                 scheduler: Callable[..., Any] | None = None, lam: float = 0.9, temperature: float = 1.0,
+                 loss_type: str = "ce", fusion_mode: str = "min_ce", lora: dict[str, Any] | None = None,
+                 gradient_checkpointing: bool = False):
+        super().__init__()
+        if fusion_mode not in FUSION_MODES:
+            raise FusionlabError(f"Unknown distill.fusion_mode {fusion_mode!r}; use one of {FUSION_MODES}.")
+        if loss_type not in LOSS_TYPES:
+            raise FusionlabError(f"Unknown distill.loss_type {loss_type!r}; use one of {LOSS_TYPES}.")
+        if not 0.0 <= lam <= 1.0:
+            raise FusionlabError(f"distill.lam={lam} must lie in [0, 1] (weight of the CLM term).")
+        if temperature <= 0:
+            raise FusionlabError(f"distill.temperature={temperature} must be > 0.")
+        if gradient_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+            if getattr(model, "config", None) is not None:
+                model.config.use_cache = False
+        if lora:
+            from peft import LoraConfig, get_peft_model
+
+            if gradient_checkpointing:
+                model.enable_input_require_grads()
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
+        self.model = model
+        self.optimizer_fn = optimizer
+        self.scheduler_fn = scheduler
+        self.lam, self.temperature, self.loss_type, self.fusion_mode = lam, temperature, loss_type, fusion_mode
+        self.fingerprint = model_fingerprint(model)
+        self.tokens_seen = 0
+        self.step_seconds = 0.0  # time inside training batches (forward, backward, optimizer), no checkpoint I/O
+        self._t0 = 0.0
+        self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return fusion_loss(logits, batch["labels"], batch["target_ids"], batch["target_logits"], batch["ce"],
+                           lam=self.lam, temperature=self.temperature, mode=self.fusion_mode, loss_type=self.loss_type)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.step_seconds += time.perf_counter() - self._t0
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self._step(batch)
+        self.tokens_seen += int(batch["attention_mask"].sum())
+        bs = batch["input_ids"].shape[0]
+        dm = getattr(self.trainer, "datamodule", None)
+        if hasattr(dm, "mark_consumed"):
+            dm.mark_consumed(bs)
+        self.log_dict({"train/loss": out["loss"], "train/clm": out["clm"], "train/fusion": out["fusion"]},
+                      prog_bar=True, batch_size=bs, sync_dist=False)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self._step(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log_dict({"val/loss": out["loss"], "val/clm": out["clm"], "val/fusion": out["fusion"]},
+                      batch_size=bs, sync_dist=True)
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = self.optimizer_fn(params) if self.optimizer_fn else torch.optim.AdamW(params, lr=5e-6)
+        if self.scheduler_fn is None:
+            return opt
+        kwargs = {}
+        if "total_steps" in inspect.signature(self.scheduler_fn).parameters:
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        sched = self.scheduler_fn(opt, **kwargs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["fusionlab"] = {"fingerprint": self.fingerprint, "tokens_seen": self.tokens_seen}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get("fusionlab")
+        if info is None or info.get("fingerprint") != self.fingerprint:
+            raise FusionlabError(
+                "The checkpoint to resume from was written for a different model or adapter setup "
+                f"(fingerprint {None if info is None else info.get('fingerprint')} vs {self.fingerprint}); "
+                "resume with the same model/lora settings, or start fresh (distill.resume=false or a new output dir).")
+        self.tokens_seen = int(info.get("tokens_seen", 0))

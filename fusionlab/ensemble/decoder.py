@@ -1,0 +1,294 @@
+"""EVA ensemble decoding: one main and N aux models, KV-cached, batched, exactly synchronised.
+
+Every step each model scores its own context, keeps its top-k tokens, aux distributions are
+projected into the main vocabulary (:class:`~fusionlab.align.Alignment`), the drop filter and a
+combiner pick one main token, and that token's TEXT is appended to every model's context.
+Unlike the reference (full re-tokenisation and re-computation of every prompt each step,
+batch size 1), each model keeps a KV cache; an aux model only re-tokenises its last few
+tokens and rolls back the ones whose segmentation changed.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from fusionlab.align.alignment import Alignment
+from fusionlab.align.vocab import token_bytes, tokenizer_hash
+from fusionlab.ensemble.combine import COMBINERS, dense, drop_filter, topk_probs
+from fusionlab.ensemble.sync import TextSync
+from fusionlab.errors import FusionlabError
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Prompt ids as HF ``generate`` would see them: BOS added unless the text already starts with it."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, (list, tuple)) else [ids])
+    ids.add(tokenizer.eos_token_id)
+    return {int(i) for i in ids if i is not None}
+
+
+class _Stream:
+    """One model's batched context: KV cache + a slot mask (0 = padding or a hole)."""
+
+    def __init__(self, model, tokenizer, prompts: list[list[int]], use_cache: bool):
+        self.model, self.tokenizer, self.use_cache = model, tokenizer, use_cache
+        self.device = next(model.parameters()).device
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.seqs = [list(p) for p in prompts]  # real tokens per row (what the model has seen or will see)
+        self.slots: list[list[int]] = [[] for _ in prompts]  # cache slot of each fed token
+        self.pending: list[list[int]] = [list(p) for p in prompts]
+        self.cache = None
+        self.mask = torch.zeros(len(prompts), 0, dtype=torch.long)
+        self.last_logits: torch.Tensor | None = None
+        self.forward_tokens = 0
+
+    def rollback(self, row: int, n: int) -> None:
+        """Forget the last ``n`` tokens of ``row`` (fed or pending)."""
+        if n <= 0:
+            return
+        n_pending = len(self.pending[row])
+        if n <= n_pending:
+            self.pending[row] = self.pending[row][:n_pending - n]
+        else:
+            self.pending[row] = []
+        self.seqs[row] = self.seqs[row][:len(self.seqs[row]) - n]
+
+    def push(self, row: int, ids: Sequence[int]) -> None:
+        self.seqs[row].extend(ids)
+        self.pending[row].extend(ids)
+
+    def select(self, rows: torch.Tensor) -> None:
+        keep = rows.tolist()
+        self.seqs = [self.seqs[i] for i in keep]
+        self.slots = [self.slots[i] for i in keep]
+        self.pending = [self.pending[i] for i in keep]
+        self.mask = self.mask[rows]
+        if self.last_logits is not None:
+            self.last_logits = self.last_logits[rows.to(self.last_logits.device)]
+        if self.cache is not None:
+            for layer in self.cache.layers:
+                layer.batch_select_indices(rows.to(self.device))
+
+    @torch.inference_mode()
+    def logits(self) -> torch.Tensor:
+        """Next-token logits (B, V) of every row, after feeding what is pending."""
+        return self._cached() if self.use_cache else self._uncached()
+
+    def _uncached(self) -> torch.Tensor:
+        width = max(len(s) for s in self.seqs)
+        ids = torch.full((len(self.seqs), width), self.pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, s in enumerate(self.seqs):
+            ids[b, width - len(s):] = torch.tensor(s)
+            mask[b, width - len(s):] = 1
+        pos = (mask.cumsum(1) - 1).clamp_min(0)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=pos.to(self.device), use_cache=False)
+        self.forward_tokens += int(mask.sum())
+        self.pending = [[] for _ in self.seqs]
+        self.last_logits = out.logits[:, -1].float()
+        return self.last_logits
+
+    def _cached(self) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        # Rows whose fed tokens were rolled back: crop every row to the earliest such slot and re-queue.
+        n_slots = self.mask.shape[1]
+        cut = n_slots
+        for b in range(len(self.seqs)):
+            fed = len(self.seqs[b]) - len(self.pending[b])
+            if fed < len(self.slots[b]):
+                cut = min(cut, self.slots[b][fed])
+        if cut < n_slots:
+            for b in range(len(self.seqs)):
+                keep = sum(1 for s in self.slots[b] if s < cut)
+                self.slots[b] = self.slots[b][:keep]
+                self.pending[b] = self.seqs[b][keep:]
+            self.cache.crop(cut - n_slots)
+            self.mask = self.mask[:, :cut]
+            n_slots = cut
+        width = max(len(p) for p in self.pending)
+        if width == 0:
+            return self.last_logits
+        # New tokens are right-aligned (holes on the left, masked), so every row's last real token
+        # sits in the last column: only that column goes through the lm_head (a 262k-row matrix
+        # for Gemma; a prompt's other positions would cost prompt_len times one step's logits).
+        ids = torch.full((len(self.seqs), width), self.pad, dtype=torch.long)
+        new_mask = torch.zeros_like(ids)
+        n_new = 0
+        for b, p in enumerate(self.pending):
+            if p:
+                ids[b, width - len(p):] = torch.tensor(p)
+                new_mask[b, width - len(p):] = 1
+                self.slots[b].extend(range(n_slots + width - len(p), n_slots + width))
+                n_new += len(p)
+        mask = torch.cat([self.mask, new_mask], dim=1)
+        pos = (mask.cumsum(1) - 1).clamp_min(0)[:, n_slots:]
+        if self.cache is None:
+            self.cache = DynamicCache()
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=pos.to(self.device), past_key_values=self.cache, use_cache=True,
+                         logits_to_keep=1)
+        self.forward_tokens += n_new
+        logits = out.logits[:, -1].float()
+        empty = [b for b, p in enumerate(self.pending) if not p]
+        if empty and self.last_logits is not None:  # rows with nothing new keep their previous logits
+            idx = torch.tensor(empty, device=logits.device)
+            logits[idx] = self.last_logits[idx]
+        self.mask, self.last_logits = mask, logits
+        self.pending = [[] for _ in self.seqs]
+        return logits
+
+
+@dataclass
+class EnsembleOutput:
+    texts: list[str]
+    new_tokens: list[int]
+    seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(self.new_tokens) / self.seconds if self.seconds > 0 else 0.0
+
+
+class EvaDecoder:
+    """Ensemble decoding of ``main`` with ``aux`` models through vocabulary alignments.
+
+    ``main`` and each of ``aux`` are ``(model, tokenizer)``; ``alignments[i]`` projects aux i's
+    vocabulary onto the main one. Options mirror the ``ensemble:`` config section.
+    """
+
+    def __init__(self, main, aux=(), alignments: Sequence[Alignment] = (), *, topk: int = 320,
+                 drop: int | None = 5, combiner: str = "uniform", weights: Sequence[float] | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, seed: int = 0, sync: str = "auto",
+                 window: int = 4, use_cache: bool = True):
+        if len(aux) != len(alignments):
+            raise FusionlabError(f"{len(aux)} aux models but {len(alignments)} alignments: give one per aux model.")
+        if combiner not in COMBINERS:
+            raise FusionlabError(f"Unknown ensemble.combiner {combiner!r}; use one of {sorted(COMBINERS)}.")
+        if sync not in ("auto", "text"):
+            raise FusionlabError(f"Unknown ensemble.sync {sync!r}; use 'auto' or 'text'.")
+        if combiner == "linear_sum" and weights is not None and len(weights) != len(aux):
+            raise FusionlabError(f"ensemble.weights has {len(weights)} values for {len(aux)} aux models: "
+                                 "give one weight per aux model (the main model gets 1 - sum).")
+        if do_sample and temperature <= 0:
+            raise FusionlabError(f"ensemble.temperature must be > 0 when sampling, got {temperature}.")
+        self.main, self.aux = main, list(aux)
+        main_vocab = main[0].get_output_embeddings().weight.shape[0]
+        for (m, _), a in zip(self.aux, alignments):
+            if a.main_vocab != main_vocab or a.aux_vocab > m.get_output_embeddings().weight.shape[0]:
+                raise FusionlabError(f"Alignment {a.method!r} maps {a.aux_vocab} -> {a.main_vocab} tokens but the "
+                                     f"models have {m.get_output_embeddings().weight.shape[0]} -> {main_vocab}.")
+        self.alignments = [a.to(next(main[0].parameters()).device) for a in alignments]
+        self.topk, self.drop, self.combiner, self.weights = topk, drop, combiner, weights
+        self.do_sample, self.temperature, self.seed = do_sample, temperature, seed
+        self.window, self.use_cache = window, use_cache
+        main_hash = tokenizer_hash(main[1])
+        self.passthrough = [sync == "auto" and tokenizer_hash(t) == main_hash for _, t in self.aux]
+        self.main_bytes = token_bytes(main[1], main_vocab)
+        self.eos = eos_ids(*main)
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str] | Sequence[Sequence[str]], max_new_tokens: int = 128,
+                 stop: Sequence[str] = (), progress: bool = False) -> EnsembleOutput:
+        """Decode one batch. ``prompts[m][b]`` is row b's prompt in model m's format (main first);
+        a flat list of strings is used for every model."""
+        n_models = 1 + len(self.aux)
+        if prompts and isinstance(prompts[0], str):
+            prompts = [list(prompts)] * n_models
+        if len(prompts) != n_models or len({len(p) for p in prompts}) != 1:
+            raise FusionlabError(f"Give one list of prompts per model ({n_models}), all of the same length.")
+        batch = len(prompts[0])
+        start = time.perf_counter()
+        members = [self.main, *self.aux]
+        streams = [_Stream(m, t, [encode_prompt(t, p) for p in ps], self.use_cache)
+                   for (m, t), ps in zip(members, prompts)]
+        syncs = [[None if self.passthrough[i] else TextSync(t, self.window) for _ in range(batch)]
+                 for i, (_, t) in enumerate(self.aux)]
+        gen_ids: list[list[int]] = [[] for _ in range(batch)]
+        gen_text = [b"" for _ in range(batch)]
+        finished_text: list[str | None] = [None] * batch
+        active = list(range(batch))  # original row index of each live row
+        stop = [s for s in stop if s]
+        generator = torch.Generator().manual_seed(self.seed) if self.do_sample else None
+        kept_hist = [0] * (n_models + 1)  # rows×steps where n models passed the filter (0 = none, all used)
+        kept_per_model = [0] * n_models
+        steps = rollbacks = 0
+        main_vocab = self.alignments[0].main_vocab if self.alignments else None
+        for _ in tqdm(range(max_new_tokens), desc="eva", disable=not progress, leave=False):
+            logits = streams[0].logits()
+            vocab = main_vocab or logits.shape[-1]
+            p, ids = topk_probs(logits, self.topk)
+            dists = [dense(p, ids, vocab)]
+            for stream, alignment in zip(streams[1:], self.alignments):
+                q, qids = topk_probs(stream.logits(), self.topk)
+                dists.append(alignment.project(q.to(dists[0].device), qids.to(dists[0].device)))
+            dists = torch.stack(dists)
+            keep = drop_filter(dists, self.drop) if self.combiner == "uniform" else torch.ones(dists.shape[:2], dtype=torch.bool)
+            combined = COMBINERS[self.combiner](dists, keep, self.weights)
+            if self.do_sample:
+                w = combined.clamp_min(0).pow(1.0 / self.temperature)
+                nxt = torch.multinomial(w / w.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
+            else:
+                nxt = combined.argmax(dim=-1)
+            n_kept = keep.sum(dim=0)
+            steps += 1
+            for m in range(n_models):
+                kept_per_model[m] += int(keep[m].sum())
+            for b in range(len(active)):
+                kept_hist[int(n_kept[b])] += 1
+            done = []
+            for b, tok in enumerate(nxt.tolist()):
+                row = active[b]
+                if tok in self.eos:
+                    done.append(b)
+                    continue
+                gen_ids[row].append(tok)
+                gen_text[row] += self.main_bytes[tok] or b""
+                streams[0].push(b, [tok])
+                for i, stream in enumerate(streams[1:]):
+                    if syncs[i][row] is None:
+                        stream.push(b, [tok])
+                    else:
+                        back, new = syncs[i][row].update(gen_text[row])
+                        rollbacks += back
+                        stream.rollback(b, back)
+                        stream.push(b, new)
+                if stop:
+                    tail = gen_text[row][-(max(len(s) for s in stop) * 4 + 64):].decode("utf-8", "ignore")
+                    if any(s in tail for s in stop):
+                        done.append(b)
+            if done:
+                for b in done:
+                    finished_text[active[b]] = gen_text[active[b]].decode("utf-8", "replace")
+                live = torch.tensor([b for b in range(len(active)) if b not in set(done)], dtype=torch.long)
+                active = [active[b] for b in live.tolist()]
+                if not active:
+                    break
+                for s in streams:
+                    s.select(live)
+        texts = []
+        for row in range(batch):
+            text = finished_text[row] if finished_text[row] is not None else gen_text[row].decode("utf-8", "replace")
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            texts.append(text if cut < 0 else text[:cut])
+        seconds = time.perf_counter() - start
+        total = max(1, sum(kept_hist))
+        stats = {"steps": steps, "row_steps": sum(kept_hist), "rollbacks": rollbacks,
+                 "sync_mismatches": sum(s.mismatches for rows in syncs for s in rows if s is not None),
+                 **{f"filter_kept_{k}_frac": kept_hist[k] / total for k in range(n_models + 1)},
+                 **{f"filter_model{m}_kept_frac": kept_per_model[m] / total for m in range(n_models)},
+                 "forward_tokens": sum(s.forward_tokens for s in streams)}
+        new_tokens = [len(g) + (1 if finished_text[r] is not None and len(g) < max_new_tokens else 0)
+                      for r, g in enumerate(gen_ids)]
+        return EnsembleOutput(texts, [len(g) for g in gen_ids], seconds, stats | {"tokens_with_eos": sum(new_tokens)})

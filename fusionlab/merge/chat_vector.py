@@ -1,0 +1,164 @@
+"""Chat Vector (Huang et al. 2023): τ = θ_chat − θ_base, then θ_cp + Σ ratioᵢ τᵢ.
+
+Differences from the reference scripts (aqweteddy/ChatVector):
+
+- ``special_tokens_map`` ({cp_token_id: chat_token_id}) sets those embedding / lm_head rows of the
+  result to Σ ratioᵢ · (row of the CHAT model) — the reference stored the BASE model's rows under
+  the name ``chat_embed`` and used those.
+- a vocabulary-size mismatch is a clear error unless ``skip_embed`` (which leaves the embeddings
+  and lm_head of the cp model alone, apart from mapped special rows).
+- tied embeddings: a checkpoint without an lm_head tensor uses its input embedding for it.
+- streaming and atomic like every merge: one tensor at a time, written to a temp dir first.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fusionlab.errors import FusionlabError
+from fusionlab.io import atomic_dir
+from fusionlab.merge.engine import resolve_checkpoint
+from fusionlab.merge.io import CheckpointReader, ShardWriter, StreamingShardWriter, copy_aux_files, is_embedding, parse_dtype, parse_size
+from fusionlab.merge.methods import is_finite
+
+CHAT_ROWS = "chat_rows."  # prefix of the chat model's full embedding rows stored with a chat vector
+
+
+def _bar(items, desc: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor", disable=not progress or not sys.stderr.isatty())
+
+
+def _vocab_error(name: str, a, b, what: str) -> FusionlabError:
+    return FusionlabError(
+        f"Vocabulary size mismatch in {name!r}: {what} ({list(a)} vs {list(b)}). Chat vectors of models with "
+        "different vocabularies cannot be added row by row; set skip_embed=true (and special_tokens_map for "
+        "the chat special tokens) to leave embeddings and lm_head alone."
+    )
+
+
+def extract(base: str, chat: str, output: str | Path, skip_embed: bool = False, dtype: str = "float32",
+            overwrite: bool = False, progress: bool = True, shard_size: str | int = "5GB") -> dict[str, Any]:
+    """Write τ = chat − base as safetensors (plus the chat model's embedding rows, config and tokenizer)."""
+    rb = CheckpointReader(resolve_checkpoint(base), f"base model {base!r}")
+    rc = CheckpointReader(resolve_checkpoint(chat), f"chat model {chat!r}")
+    for key in ("model_type", "architectures"):
+        if rb.config.get(key) != rc.config.get(key):
+            raise FusionlabError(f"Architecture mismatch: base has {key}={rb.config.get(key)!r}, chat has "
+                                 f"{rc.config.get(key)!r}; a chat vector needs the same architecture.")
+    out_dtype = parse_dtype(dtype)
+    names = []
+    for name in rc.names:
+        stored = rb.resolve_name(name)
+        if stored is None:
+            raise FusionlabError(f"Tensor {name!r} of the chat model is missing from the base model {base!r}.")
+        if rb.shape[stored] != rc.shape[name]:
+            if is_embedding(name):
+                if skip_embed:
+                    continue
+                raise _vocab_error(name, rb.shape[stored], rc.shape[name], "base vs chat")
+            raise FusionlabError(f"Shape mismatch for tensor {name!r}: base {list(rb.shape[stored])}, chat {list(rc.shape[name])}.")
+        if skip_embed and is_embedding(name):
+            continue
+        names.append(name)
+    meta = {"fusionlab": "chat_vector", "base": str(base), "chat": str(chat), "skip_embed": str(skip_embed)}
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        w = ShardWriter(tmp, parse_size(shard_size), metadata=meta)
+        for name in _bar(names, "extract chat vector", progress):
+            c, b = rc.get(name), rb.get(name)
+            for t, who in ((c, "chat"), (b, "base")):
+                if not is_finite(t):
+                    raise FusionlabError(f"Tensor {name!r} of the {who} model contains NaN or inf.")
+            w.add(name, (c - b).to(out_dtype))
+        for name in rc.names:  # the chat model's own rows, for special_tokens_map
+            if is_embedding(name):
+                w.add(CHAT_ROWS + name, rc.get(name).to(out_dtype))
+        w.finish()
+        copy_aux_files(rc.dir, tmp)  # chat config + tokenizer: `tokenizer_source=chat` reuses them
+        (tmp / "chat_vector.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return {"cv_tensors": len(names), "cv_bytes": w.total_bytes}
+
+
+def add(cp: str, vectors: list[str], ratios: list[float] | float, output: str | Path, skip_embed: bool = False,
+        special_tokens_map: dict[int, int] | None = None, tokenizer_source: str = "cp", dtype: str = "auto",
+        overwrite: bool = False, progress: bool = True, shard_size: str | int = "5GB") -> dict[str, Any]:
+    """θ_cp + Σ ratioᵢ τᵢ, streamed tensor by tensor; see the module docstring for the special rows."""
+    if isinstance(ratios, (int, float)):
+        ratios = [float(ratios)] * len(vectors)
+    if len(ratios) != len(vectors):
+        raise FusionlabError(f"{len(vectors)} chat vectors but {len(ratios)} ratios; give one ratio per vector.")
+    if not vectors:
+        raise FusionlabError("add() needs at least one chat vector.")
+    rp = CheckpointReader(resolve_checkpoint(cp), f"cp model {cp!r}")
+    cvs = [CheckpointReader(Path(v).expanduser(), f"chat vector {v!r}") for v in vectors]
+    smap = {int(k): int(v) for k, v in (special_tokens_map or {}).items()}
+
+    plan = []
+    for name in rp.names:
+        emb = is_embedding(name)
+        if emb and skip_embed:
+            plan.append((name, []))
+            continue
+        stored = []
+        for cv in cvs:
+            s = cv.resolve_name(name)
+            if s is None:
+                hint = " (it was extracted with skip_embed=true; use skip_embed=true here too)" if emb else ""
+                raise FusionlabError(f"Tensor {name!r} is missing from {cv.label}{hint}.")
+            if cv.shape[s] != rp.shape[name]:
+                if emb:
+                    raise _vocab_error(name, rp.shape[name], cv.shape[s], f"cp model vs {cv.label}")
+                raise FusionlabError(f"Shape mismatch for tensor {name!r}: cp {list(rp.shape[name])}, {cv.label} {list(cv.shape[s])}.")
+            stored.append(s)
+        plan.append((name, stored))
+    if smap:
+        vocab = next((rp.shape[n][0] for n in rp.names if is_embedding(n)), None)
+        for cp_id, chat_id in smap.items():
+            if vocab is not None and not 0 <= cp_id < vocab:
+                raise FusionlabError(f"special_tokens_map: cp token id {cp_id} is outside the cp vocabulary (size {vocab}).")
+            for cv in cvs:
+                rows = [n for n in cv.names if n.startswith(CHAT_ROWS)]
+                if not rows:
+                    raise FusionlabError(f"{cv.label} has no chat embedding rows; re-extract it with fusionlab.")
+                if not 0 <= chat_id < cv.shape[rows[0]][0]:
+                    raise FusionlabError(f"special_tokens_map: chat token id {chat_id} is outside the chat vocabulary "
+                                         f"(size {cv.shape[rows[0]][0]}).")
+
+    stored_dt = next((d for d in rp.dtype.values() if d in ("F32", "BF16", "F16")), "F32")
+    out_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[stored_dt] if dtype == "auto" else parse_dtype(dtype)
+    with atomic_dir(output, overwrite=overwrite) as tmp:
+        entries = [(name, rp.shape[name], out_dtype) for name, _ in plan]
+        w = StreamingShardWriter(tmp, entries, parse_size(shard_size), metadata={"fusionlab": "chat_vector_add"})
+        for name, stored in _bar(plan, "add chat vector", progress):
+            out = rp.get(name)
+            if not is_finite(out):
+                raise FusionlabError(f"Tensor {name!r} of the cp model contains NaN or inf.")
+            for cv, s, r in zip(cvs, stored, ratios):
+                out.add_(cv.get(s), alpha=r)
+            if smap and is_embedding(name):
+                rows = torch.zeros((len(smap), out.shape[1]), dtype=out.dtype)
+                for cv, r in zip(cvs, ratios):
+                    key = CHAT_ROWS + name
+                    if key not in cv.file_of:  # tied chat model: its lm_head rows are its embedding rows
+                        key = next(n for n in cv.names if n.startswith(CHAT_ROWS))
+                    chat_rows = cv.get(key)
+                    rows += r * chat_rows[list(smap.values())]
+                out[list(smap.keys())] = rows
+            if not is_finite(out):
+                raise FusionlabError(f"Adding the chat vector produced NaN or inf in tensor {name!r}.")
+            w.write(name, out.to(out_dtype))
+        w.finish()
+        src = rp.dir if tokenizer_source == "cp" else cvs[-1].dir if tokenizer_source == "chat" else None
+        if src is None:
+            raise FusionlabError(f"tokenizer_source must be cp or chat, got {tokenizer_source!r}.")
+        copy_aux_files(rp.dir, tmp, {"dtype": str(out_dtype).removeprefix("torch.")})
+        if src != rp.dir:  # chat template / special tokens from the chat model, weights config from cp
+            for f in src.iterdir():
+                if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
+                    (tmp / f.name).write_bytes(f.read_bytes())
+    return {"cv_added": len(vectors), "cv_tensors_changed": sum(1 for _, s in plan if s)}

@@ -1,0 +1,324 @@
+"""Streaming safetensors IO: read one tensor at a time from (sharded) checkpoints, write shards.
+
+Memory stays at about one tensor per input model plus one output tensor: the reader ``pread``s
+one tensor at a time (no memory map), and :class:`StreamingShardWriter` writes every shard's header
+first (all shapes are known from the plan) and then each tensor's bytes as soon as it is computed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from fusionlab.errors import FusionlabError
+
+INDEX_NAME = "model.safetensors.index.json"
+# Files copied from the tokenizer source into a merged checkpoint (besides config.json).
+AUX_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+             "chat_template.json")
+EMBED_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight",
+               "word_embeddings.weight", "transformer.word_embeddings.weight")
+LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise FusionlabError(f"Unknown dtype {name!r}; use one of {sorted(DTYPES)}.")
+    return DTYPES[name]
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"``/``"500MB"``/``"5B"`` (mergekit's billions) or an int of bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"([0-9.]+)\s*([KMGTB]?)B?", str(size).upper().strip())
+    if not m:
+        raise FusionlabError(f"Bad shard size {size!r}; write e.g. 5GB, 500MB or a number of bytes.")
+    mult = {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "B": 1e9, "T": 1e12}[m.group(2)]
+    return int(float(m.group(1)) * mult)
+
+
+def is_embedding(name: str) -> bool:
+    """Token-indexed tensors: input embeddings and output head (their first axis is the vocabulary)."""
+    return name in EMBED_NAMES or name in LM_HEAD_NAMES or name.endswith(("embed_tokens.weight", "lm_head.weight"))
+
+
+class CheckpointReader:
+    """Tensor names, shapes and lazy loads for an HF safetensors dir (sharded or not) or one file."""
+
+    def __init__(self, path: str | os.PathLike, label: str | None = None):
+        self.path = Path(path)
+        self.label = label or str(path)
+        if self.path.is_file():
+            files = [self.path]
+            self.dir = self.path.parent
+        elif self.path.is_dir():
+            self.dir = self.path
+            index = self.path / INDEX_NAME
+            if index.exists():
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = sorted({self.path / f for f in weight_map.values()})
+            else:
+                files = sorted(self.path.glob("*.safetensors"))
+        else:
+            raise FusionlabError(f"Checkpoint {self.label!r} does not exist ({self.path}); check the model path.")
+        if not files:
+            raise FusionlabError(
+                f"No *.safetensors files in {self.path} ({self.label}); merging needs safetensors checkpoints "
+                "(re-save with save_pretrained(..., safe_serialization=True))."
+            )
+        self._files: dict[Path, Any] = {}
+        self._data_start: dict[Path, int] = {}
+        self.file_of: dict[str, Path] = {}
+        self.shape: dict[str, tuple[int, ...]] = {}
+        self.dtype: dict[str, str] = {}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        self.metadata: dict[str, str] = {}
+        for f in files:
+            header, start = read_header(f)
+            self._data_start[f] = start
+            self.metadata.update(header.pop("__metadata__", None) or {})
+            for name, info in header.items():
+                self.file_of[name] = f
+                self.shape[name] = tuple(info["shape"])
+                self.dtype[name] = info["dtype"]
+                self.offsets[name] = tuple(info["data_offsets"])
+        cfg = self.dir / "config.json"
+        self.config: dict[str, Any] = json.loads(cfg.read_text()) if cfg.exists() and self.path.is_dir() else {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
+    @property
+    def tied(self) -> bool:
+        """True when lm_head shares the input embedding (no separate lm_head tensor stored)."""
+        return not any(n in self.file_of for n in LM_HEAD_NAMES) and bool(self.config.get("tie_word_embeddings", True))
+
+    def resolve_name(self, name: str) -> str | None:
+        """The stored name holding ``name``: itself, or the embedding for a tied lm_head."""
+        if name in self.file_of:
+            return name
+        if name in LM_HEAD_NAMES and self.tied:
+            for e in EMBED_NAMES:
+                if e in self.file_of:
+                    return e
+        return None
+
+    def get(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        stored = self.resolve_name(name)
+        if stored is None:
+            raise FusionlabError(f"Tensor {name!r} is missing from {self.label} ({self.path}).")
+        t = self._read(stored)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        return t.to(device)
+
+
+    def _read(self, name: str) -> torch.Tensor:
+        """pread the tensor's bytes into its own buffer: no memory map, so reading a 10 GB checkpoint
+        leaves no mapped pages behind in this process's RSS (the page cache still serves re-reads)."""
+        path = self.file_of[name]
+        begin, end = self.offsets[name]
+        dtype = ST_DTYPES.get(self.dtype[name])
+        if dtype is None:
+            raise FusionlabError(f"Tensor {name!r} in {path} has dtype {self.dtype[name]}, which fusionlab cannot read.")
+        if end == begin:
+            return torch.empty(self.shape[name], dtype=dtype)
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = open(path, "rb", buffering=0)
+        buf = bytearray(end - begin)
+        f.seek(self._data_start[path] + begin)
+        view, got = memoryview(buf), 0
+        while got < len(buf):
+            n = f.readinto(view[got:])
+            if not n:
+                raise FusionlabError(f"{path} is truncated (tensor {name!r}); re-download or re-save it.")
+            got += n
+        return torch.frombuffer(buf, dtype=dtype).reshape(self.shape[name])
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and the byte offset where its data starts."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise FusionlabError(f"{path} is not a safetensors file (too short).")
+        n = struct.unpack("<Q", head)[0]
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise FusionlabError(f"{path} is not a valid safetensors file: {e}") from e
+    return header, 8 + n
+
+
+class ShardWriter:
+    """Collect tensors into shards of at most ``max_shard_bytes``; ``finish`` names them like HF and writes the index."""
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 10**9, metadata: dict[str, str] | None = None):
+        self.out_dir = Path(out_dir)
+        self.max_bytes = max_shard_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self._current: dict[str, torch.Tensor] = {}
+        self._current_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._current and self._current_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self._current[name] = tensor.detach().to("cpu").contiguous()
+        self._current_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        if not self._current:
+            return
+        path = self.out_dir / f".shard-{len(self._shards):05d}.safetensors"
+        save_file(self._current, str(path), metadata=self.metadata)
+        self._shards.append((path, list(self._current)))
+        self._current, self._current_bytes = {}, 0
+
+    def finish(self) -> list[Path]:
+        self._flush()
+        n = len(self._shards)
+        if n == 0:
+            raise FusionlabError("Nothing to write: the merge produced no tensors.")
+        if n == 1:
+            final = [self.out_dir / "model.safetensors"]
+        else:
+            final = [self.out_dir / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        weight_map = {}
+        for (tmp, names), dst in zip(self._shards, final):
+            os.replace(tmp, dst)
+            weight_map.update({name: dst.name for name in names})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return final
+
+
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+
+
+class StreamingShardWriter:
+    """Write tensors straight to disk in a fixed order: shard layout and headers come from ``entries``.
+
+    ``entries`` = [(name, shape, dtype)] in the order :meth:`write` will be called. Shards hold at most
+    ``max_shard_bytes`` (one larger tensor gets a shard of its own). Files are safetensors: 8-byte
+    header length, JSON header padded to 8 bytes, then the tensors' bytes in order.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int = 5 * 10**9, metadata: dict[str, str] | None = None):
+        self.out_dir = Path(out_dir)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in entries:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            if self.shards[-1] and size + nbytes > max_shard_bytes:
+                self.shards.append([])
+                size = 0
+            self.shards[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        self.order = [e[0] for shard in self.shards for e in shard]
+        self.total_bytes = sum(e[3] for shard in self.shards for e in shard)
+        self._next = 0  # index into self.order
+        self._shard, self._left, self._file = -1, 0, None
+        self._paths: list[Path] = []
+
+    def _open_next_shard(self) -> None:
+        self._shard += 1
+        entries = self.shards[self._shard]
+        header: dict[str, Any] = {"__metadata__": self.metadata}
+        offset = 0
+        for name, shape, dtype, nbytes in entries:
+            header[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        path = self.out_dir / f".shard-{self._shard:05d}.safetensors"
+        self._paths.append(path)
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._left = len(entries)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self.order) or self.order[self._next] != name:
+            expected = self.order[self._next] if self._next < len(self.order) else "nothing"
+            raise RuntimeError(f"StreamingShardWriter: got {name!r}, expected {expected!r}")
+        if self._left == 0:
+            self._open_next_shard()
+        _, shape, dtype, _ = self.shards[self._shard][len(self.shards[self._shard]) - self._left]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise RuntimeError(f"StreamingShardWriter: {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+                               f"planned {shape} {dtype}")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.numel():
+            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._next += 1
+        self._left -= 1
+        if self._left == 0:
+            self._file.close()
+            self._file = None
+
+    def finish(self) -> list[Path]:
+        if self._next != len(self.order):
+            raise RuntimeError(f"StreamingShardWriter: {len(self.order) - self._next} tensors were never written")
+        n = len(self._paths)
+        final = ([self.out_dir / "model.safetensors"] if n == 1 else
+                 [self.out_dir / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        weight_map = {}
+        for tmp, dst, entries in zip(self._paths, final, self.shards):
+            os.replace(tmp, dst)
+            weight_map.update({e[0]: dst.name for e in entries})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        return final
+
+
+def copy_aux_files(src_dir: Path, out_dir: Path, config_overrides: dict[str, Any] | None = None) -> None:
+    """Copy config.json (with ``config_overrides``), generation config and tokenizer files."""
+    cfg = src_dir / "config.json"
+    if cfg.exists():
+        config = json.loads(cfg.read_text())
+        config.update(config_overrides or {})
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in AUX_FILES:
+        if (src_dir / name).exists():
+            shutil.copy2(src_dir / name, out_dir / name)
+
+
+def save_state_dict(state: dict[str, torch.Tensor], out_dir: Path, config: dict[str, Any] | None = None,
+                    max_shard_bytes: int = 5 * 10**9) -> None:
+    """Write a whole state dict as (sharded) safetensors plus config.json (for tests and fixtures)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    w = ShardWriter(out_dir, max_shard_bytes)
+    for k, v in state.items():
+        w.add(k, v)
+    w.finish()
+    if config is not None:
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,383 @@
+"""Merge methods: one plain function per method, registered in :data:`METHODS`.
+
+Every function merges ONE tensor: it gets the base tensor (or ``None``), the other models'
+tensors (fp32, same shape) and the resolved parameters, and returns the merged fp32 tensor.
+Semantics and defaults follow mergekit 0.1.5 (``mergekit/merge_methods``), so a mergekit YAML
+gives the same numbers here; fusionlab-only options are marked as such.
+
+Speed: mergekit ranks magnitudes with a full ``argsort`` per delta. We find the cut with
+``kthvalue`` (O(n)) and only fall back to mergekit's exact sort call when equal magnitudes
+straddle the cut, where the choice among ties is whatever that sort returns. The kept set is
+therefore always the same as mergekit's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from fusionlab.errors import FusionlabError
+
+REQUIRED = "__required__"  # default of a parameter with no default (mergekit: required)
+
+
+# --------------------------------------------------------------------------- selection helpers
+def _rank_range_mask(w: torch.Tensor, lo: int, hi: int, exact_indices: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Bool mask of the entries of 1-D ``w`` whose ascending rank lies in ``[lo, hi)``.
+
+    Fast path: two ``kthvalue`` cuts. If a cut splits a group of equal values the set is not
+    unique; then ``exact_indices()`` (the reference implementation's own sort) decides.
+    """
+    n = w.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=w.device)
+    if hi <= lo:
+        return mask
+    if lo <= 0 and hi >= n:
+        return mask.fill_(True)
+    lo_v = torch.kthvalue(w, lo + 1).values if lo > 0 else None
+    hi_v = torch.kthvalue(w, hi).values if hi < n else None
+    keep = torch.ones(n, dtype=torch.bool, device=w.device)
+    if lo_v is not None:
+        keep &= w >= lo_v
+    if hi_v is not None:
+        keep &= w <= hi_v
+    if int(keep.sum()) == hi - lo:
+        return keep
+    mask[exact_indices()] = True
+    return mask
+
+
+def topk_mask(w: torch.Tensor, k: int, reference: str = "argsort") -> torch.Tensor:
+    """Mask of the ``k`` largest entries of 1-D ``w`` (ties resolved like mergekit's ``reference``)."""
+    n = w.numel()
+    if reference == "argsort":
+        exact = lambda: torch.argsort(w, descending=True)[:k]  # noqa: E731  (mergekit: magnitude)
+    else:
+        exact = lambda: torch.topk(w, k=k, largest=True).indices  # noqa: E731  (mergekit: sce)
+    return _rank_range_mask(w, n - k, n, exact)
+
+
+def _rescale(delta: torch.Tensor, mask: torch.Tensor, norm: str | None, density: float, eps: float = 1e-7) -> torch.Tensor:
+    """Masked delta, rescaled so its norm matches the unmasked one (mergekit), or by 1/density (DARE paper)."""
+    masked = delta * mask
+    if norm is None:
+        return masked
+    if norm == "inverse_density":
+        return masked / density
+    if norm == "l1":
+        before, after = delta.abs().sum(), masked.abs().sum()
+    elif norm == "l2":
+        before, after = delta.norm(), masked.norm()
+    elif norm == "linf":
+        before, after = delta.abs().max(), masked.abs().max()
+    else:
+        raise FusionlabError(f"Unknown rescale_norm {norm!r}; use l1, l2, linf or inverse_density.")
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
+# --------------------------------------------------------------------------- sparsification
+def magnitude(delta: torch.Tensor, density: float, rescale_norm: str | None = None) -> torch.Tensor:
+    """TIES: keep the top ``density`` fraction of entries by magnitude (at least one)."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    w = delta.abs().reshape(-1).float()
+    mask = topk_mask(w, k, "argsort").reshape(delta.shape)
+    return _rescale(delta, mask, rescale_norm, density)
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
+                       rescale_norm: str | None = None) -> torch.Tensor:
+    """Breadcrumbs: drop the largest ``gamma`` fraction, then the smallest, keeping ``density``."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    target_n = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target_n - n_top)
+    w = delta.abs().reshape(-1).float()
+    mask = _rank_range_mask(w, n_bot, n_bot + target_n,
+                            lambda: torch.sort(w, descending=False).indices[n_bot:n_bot + target_n])
+    return _rescale(delta, mask.reshape(delta.shape), rescale_norm, density)
+
+
+def bernoulli(delta: torch.Tensor, density: float, rescale_norm: str | None = "l1",
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density``."""
+    if density >= 1:
+        return delta
+    probs = torch.full_like(delta, density, dtype=torch.float32)
+    mask = torch.bernoulli(probs, generator=generator).to(delta.dtype)
+    return _rescale(delta, mask, rescale_norm, density)
+
+
+def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale_norm: str | None = "l1",
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """DELLA: keep probability grows linearly with the magnitude rank in each row, in ``density ± epsilon``."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise FusionlabError(f"della needs 0 < density ± epsilon < 1; got density={density}, epsilon={epsilon}.")
+    shape = delta.shape
+    t = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    ranks = t.abs().argsort(dim=1).argsort(dim=1).to(torch.float32) + 1
+    lo, hi = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
+    probs = (density - epsilon) + rank_norm * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=generator).to(t.dtype)
+    return _rescale(t, mask, rescale_norm, density).reshape(shape)
+
+
+def sign_consensus(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
+    """Mask of entries whose sign agrees with the elected sign (TIES); zeros never agree unless all are 0."""
+    sign = deltas.sign()
+    if method == "sum":
+        majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+    elif method == "count":
+        majority = (sign.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+    else:
+        raise FusionlabError(f"Unknown consensus_method {method!r}; use sum or count.")
+    return sign == majority
+
+
+# --------------------------------------------------------------------------- methods
+def linear(base, tensors, *, weight: list[float], normalize: bool = True):
+    """Σ wᵢ θᵢ (/ Σ wᵢ). The base, if any, is just one more input (it was appended to ``tensors``)."""
+    result = torch.zeros_like(tensors[0])
+    for t, w in zip(tensors, weight):
+        result.add_(t, alpha=w)
+    if normalize:
+        result.div_(sum(weight))
+    return result
+
+
+def _task_arithmetic_family(base, tensors, *, weight, density, sparsify=None, consensus=None,
+                            normalize=False, rescale=False, lambda_=1.0, rescale_norm="l1",
+                            gamma=None, epsilon=None, generator=None, int8_mask=False):
+    """mergekit's GeneralizedTaskArithmetic: sparsify each δᵢ, weight, (sign-elect), sum, normalise, scale."""
+    norm = rescale_norm if rescale else None
+    deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
+    for i, t in enumerate(tensors):
+        d = t - base
+        if sparsify == "magnitude":
+            d = magnitude(d, density[i], norm)
+        elif sparsify == "random":
+            d = bernoulli(d, density[i], norm, generator)
+        elif sparsify == "magnitude_outliers":
+            d = magnitude_outliers(d, density[i], gamma[i], norm)
+        elif sparsify == "della":
+            d = della_magprune(d, density[i], epsilon[i], norm, generator)
+        deltas[i] = d
+    w = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device).reshape(-1, *([1] * base.dim()))
+    deltas.mul_(w)
+    if consensus:
+        mask = sign_consensus(deltas, consensus)
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if lambda_ != 1:
+        mixed *= lambda_
+    return base + mixed
+
+
+def task_arithmetic(base, tensors, **p):
+    """θ_base + λ Σ wᵢ δᵢ (chat vector = this with the chat model at weight = ratio)."""
+    return _task_arithmetic_family(base, tensors, **p)
+
+
+def ties(base, tensors, **p):
+    return _task_arithmetic_family(base, tensors, sparsify="magnitude", consensus="sum", **p)
+
+
+def dare_linear(base, tensors, **p):
+    return _task_arithmetic_family(base, tensors, sparsify="random", **p)
+
+
+def dare_ties(base, tensors, **p):
+    return _task_arithmetic_family(base, tensors, sparsify="random", consensus="sum", **p)
+
+
+def breadcrumbs(base, tensors, **p):
+    return _task_arithmetic_family(base, tensors, sparsify="magnitude_outliers", **p)
+
+
+def breadcrumbs_ties(base, tensors, **p):
+    return _task_arithmetic_family(base, tensors, sparsify="magnitude_outliers", consensus="sum", **p)
+
+
+def della(base, tensors, **p):
+    return _task_arithmetic_family(base, tensors, sparsify="della", consensus="sum", **p)
+
+
+def della_linear(base, tensors, **p):
+    return _task_arithmetic_family(base, tensors, sparsify="della", **p)
+
+
+def model_stock(base, tensors, *, filter_wise: bool = False):
+    """Model Stock: interpolate base → average by t = N·cosθ / (1 + (N−1)·cosθ), cosθ = mean pairwise cosine of δ."""
+    shape = base.shape
+    if filter_wise:
+        w0 = base.unsqueeze(0) if base.dim() == 1 else base
+        ws = [t.unsqueeze(0) if t.dim() == 1 else t for t in tensors]
+    else:
+        w0, ws = base.reshape(-1), [t.reshape(-1) for t in tensors]
+    offsets = [w - w0 for w in ws]
+    cos = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1:]:
+            denom = (torch.norm(a, dim=-1) * torch.norm(b, dim=-1)).clamp(min=1e-6)
+            cos.append(((a * b).sum(dim=-1) / denom).clamp(-1, 1))
+    cos_theta = torch.stack(cos).mean(dim=0).unsqueeze(-1)
+    n = len(ws)
+    denominator = 1 + (n - 1) * cos_theta
+    singular = denominator.abs() < 1e-6  # no finite estimate: keep the base
+    t = torch.where(singular, torch.zeros_like(cos_theta),
+                    n * cos_theta / torch.where(singular, torch.ones_like(denominator), denominator))
+    average = sum(ws) / n
+    return (t * average + (1 - t) * w0).reshape(shape)
+
+
+def slerp(base, tensors, *, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8):
+    """Spherical interpolation base → other over the flattened tensor; lerp when (anti)collinear."""
+    a, b = base.reshape(-1), tensors[0].reshape(-1)
+    na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
+    na = na if na > eps else torch.ones_like(na)
+    nb = nb if nb > eps else torch.ones_like(nb)
+    dot = ((a / na) * (b / nb)).sum().clamp(-1, 1)
+    if dot.abs() > dot_threshold:
+        return ((1 - t) * a + t * b).reshape(base.shape)
+    theta = torch.acos(dot)
+    s = torch.sin(theta)
+    return (torch.sin((1 - t) * theta) / s * a + torch.sin(t * theta) / s * b).reshape(base.shape)
+
+
+def sce(base, tensors, *, select_topk: float = 1.0, variant: str = "code", int8_mask: bool = False):
+    """FuseChat SCE: Select by cross-model variance, Calculate η ∝ mean(δ²), Erase minority signs.
+
+    variant="code" (default, = released code and mergekit): Φ = θ + Σ ηⱼ keepⱼ δⱼ / Σ ηⱼ keepⱼ.
+    variant="paper" (eq. 9): Φ = θ + Σ ηⱼ keepⱼ δⱼ, no divisor.
+    """
+    tvs = torch.stack([t - base for t in tensors])
+    if select_topk < 1:
+        tvs = tvs * sce_select_mask(tvs, select_topk).unsqueeze(0)
+    erase = sign_consensus(tvs, "sum")
+    eta = tvs.square().reshape(len(tensors), -1).mean(dim=1)
+    total = float(eta.sum())
+    eta = torch.ones_like(eta) / len(tensors) if abs(total) < 1e-6 else eta / total
+    eta = eta.reshape(-1, *([1] * base.dim())) * erase
+    merged = (tvs * eta).sum(dim=0)
+    if variant == "code":
+        merged = merged / eta.sum(dim=0).clamp(min=1e-6)
+    elif variant != "paper":
+        raise FusionlabError(f"Unknown sce variant {variant!r}; use code (released code, default) or paper (eq. 9).")
+    return base + merged
+
+
+def sce_select_mask(tvs: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the top ``density`` fraction (of the non-zero-variance entries) by variance across models."""
+    if density <= 0:
+        return torch.zeros_like(tvs[0])
+    if density >= 1:
+        return torch.ones_like(tvs[0])
+    var = torch.var(tvs, dim=0, unbiased=False)
+    k = int(int(torch.count_nonzero(var)) * density)
+    if k == 0:
+        return torch.zeros_like(var)
+    return topk_mask(var.abs().reshape(-1), k, "topk").reshape(var.shape).to(var.dtype)
+
+
+def varm(base, tensors):
+    """FuseChat-v1 VaRM: per tensor, wⱼ ∝ mean((φⱼ − θ_pivot)²); result Σ wⱼ φⱼ (uniform if all equal the pivot)."""
+    var = torch.stack([(t - base).square().mean() for t in tensors])
+    total = var.sum()
+    w = torch.full_like(var, 1 / len(tensors)) if total <= 0 else var / total
+    result = torch.zeros_like(base)
+    for t, wj in zip(tensors, w):
+        result.add_(t * wj)
+    return result
+
+
+# --------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Method:
+    """A merge function plus its parameters (name → default; ``REQUIRED`` if none), as in mergekit."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    shared: dict[str, Any] = field(default_factory=dict)  # one value for all models (may vary per tensor)
+    per_model: dict[str, Any] = field(default_factory=dict)  # one value per model (and per tensor)
+    base: str = "required"  # required | input (the base is one more input, linear) | none
+    min_models: int = 1  # non-base models
+    max_models: int | None = None
+    random: bool = False  # uses a seeded generator
+
+    def params(self) -> set[str]:
+        return set(self.shared) | set(self.per_model)
+
+
+_GTA_SHARED = {"int8_mask": False, "lambda": 1.0, "rescale_norm": "l1"}
+
+
+def _gta(name, fn, normalize, rescale, random=False, **extra_per_model):
+    return Method(name, fn, shared={**_GTA_SHARED, "normalize": normalize, "rescale": rescale},
+                  per_model={"weight": REQUIRED, "density": 1.0, **extra_per_model}, random=random)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("linear", linear, shared={"normalize": True}, per_model={"weight": REQUIRED}, base="input"),
+    _gta("task_arithmetic", task_arithmetic, normalize=False, rescale=False),
+    _gta("ties", ties, normalize=True, rescale=False),
+    _gta("dare_linear", dare_linear, normalize=False, rescale=True, random=True),
+    _gta("dare_ties", dare_ties, normalize=False, rescale=True, random=True),
+    _gta("breadcrumbs", breadcrumbs, normalize=False, rescale=False, gamma=0.01),
+    _gta("breadcrumbs_ties", breadcrumbs_ties, normalize=False, rescale=False, gamma=0.01),
+    _gta("della", della, normalize=True, rescale=True, random=True, epsilon=0.15),
+    _gta("della_linear", della_linear, normalize=False, rescale=True, random=True, epsilon=0.15),
+    Method("model_stock", model_stock, shared={"filter_wise": False}, min_models=2),
+    Method("slerp", slerp, shared={"t": REQUIRED}, min_models=1, max_models=1),
+    Method("sce", sce, shared={"select_topk": 1.0, "variant": "code", "int8_mask": False}),
+    Method("varm", varm),
+]}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise FusionlabError(f"Unknown merge method {name!r}; use one of {sorted(METHODS)}.")
+    return METHODS[name]
+
+
+def apply_method(method: Method, base: torch.Tensor | None, tensors: list[torch.Tensor],
+                 shared: dict[str, Any], per_model: list[dict[str, Any]],
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Call ``method.fn`` with resolved parameters (per-model values become lists)."""
+    kwargs = {("lambda_" if k == "lambda" else k): v for k, v in shared.items()}
+    for k in method.per_model:
+        kwargs[k] = [float(p[k]) for p in per_model]
+    if method.random:
+        kwargs["generator"] = generator
+    if method.fn in (linear,):
+        return method.fn(None, tensors, **kwargs)
+    return method.fn(base, tensors, **kwargs)
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in ``t``. One reduction; the exact elementwise check only when the sum is not finite."""
+    if not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+__all__ = ["METHODS", "Method", "REQUIRED", "apply_method", "get_method"]

@@ -1,0 +1,133 @@
+"""Vocabulary alignment: known answers, projection invariants, cache and bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusionlab.align import Alignment, align
+from fusionlab.align.alignment import load_alignment, save_alignment
+from fusionlab.align.vecmap import csls_topk, supervised_map
+from fusionlab.errors import FusionlabError
+
+
+def test_vecmap_csls_recovers_a_permuted_noised_copy():
+    g = torch.Generator().manual_seed(0)
+    v, d = 400, 24
+    z = torch.randn(v, d, generator=g)
+    perm = torch.randperm(v, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    x = z[perm] @ q + 0.01 * torch.randn(v, d, generator=g)  # aux row i is main token perm[i]
+    seed = torch.arange(0, v, 2)  # half the pairs as the seed dictionary
+    xm, zm = supervised_map(x, z, seed, perm[seed])
+    cols, vals, top1 = csls_topk(xm, zm, k=3, block=64)
+    test = torch.arange(1, v, 2)
+    assert (top1[test] == perm[test]).float().mean() >= 0.99
+    assert (cols[:, 0] == perm).float().mean() >= 0.99
+    # The pruned one-pass search equals an exact dense CSLS.
+    xu, zu = xm / xm.norm(dim=1, keepdim=True), zm / zm.norm(dim=1, keepdim=True)
+    sim = xu @ zu.T
+    dense = 2 * sim - sim.max(dim=0).values
+    assert torch.equal(top1, dense.argmax(dim=1))
+
+
+def test_supervised_map_handles_different_hidden_sizes():
+    g = torch.Generator().manual_seed(1)
+    x, z = torch.randn(200, 16, generator=g), torch.randn(150, 12, generator=g)
+    xm, zm = supervised_map(x, z, torch.arange(100), torch.arange(100))
+    assert xm.shape == (200, 12) and zm.shape == (150, 12)
+
+
+def test_projection_mass_and_identity():
+    a = Alignment(torch.tensor([[0, 2], [1, -1], [-1, -1]]), torch.tensor([[0.3, 0.1], [0.5, 0.0], [0.0, 0.0]]), 3)
+    p = torch.tensor([[0.5, 0.3, 0.2]])
+    q = a.project(p, torch.tensor([[0, 1, 2]]))
+    assert torch.allclose(q, torch.tensor([[0.5 * 0.3, 0.3 * 0.5, 0.5 * 0.1]]))  # raw scores: mass not kept
+    qn = a.normalized().project(p, torch.tensor([[0, 1, 2]]))
+    assert torch.allclose(qn.sum(), torch.tensor(0.8))  # all mass of mapped rows (token 2 maps nowhere)
+    assert torch.allclose(qn, torch.tensor([[0.5 * 0.75, 0.3, 0.5 * 0.25]]))
+    assert torch.allclose(a.project(torch.tensor([[0.5, 0.3, 0.2]])), q)  # dense input path
+    assert torch.allclose(a.to_sparse().to_dense().T @ p[0], q[0])
+    ident = Alignment.identity(3)
+    assert torch.equal(ident.project(p, torch.tensor([[0, 1, 2]])), p)
+
+
+class _NoHead(torch.nn.Module):
+    def get_output_embeddings(self):
+        return None
+
+
+def test_model_without_output_embeddings_is_a_clear_error(tiny_pair):
+    (m, t), _ = tiny_pair
+    with pytest.raises(FusionlabError, match="no output embedding"):
+        align(_NoHead(), t, m, t, "exact")
+
+
+def test_no_shared_tokens_is_a_clear_error():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    def tok(words):
+        return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0])))
+
+    from fusionlab.align import seed_dictionary
+    with pytest.raises(FusionlabError, match="share no tokens"):
+        seed_dictionary(tok(["[u]", "alpha", "beta"]), tok(["[v]", "gamma", "delta"]))
+
+
+def test_cache_hit_stale_and_corrupt(tiny_pair, tmp_path):
+    (m, t), (g, gt) = tiny_pair
+    a = align(g, gt, m, t, "exact", cache_dir=tmp_path)
+    assert a.stats["cache_hit"] == 0 and a.stats["p_at_1"] == 1.0 and a.stats["seed_pairs"] > 10000
+    b = align(g, gt, m, t, "exact", cache_dir=tmp_path)
+    assert b.stats["cache_hit"] == 1 and torch.equal(a.cols, b.cols)
+    path = next(tmp_path.glob("*.safetensors"))
+    # stale: a file under this key whose content was built for other inputs is never used
+    save_alignment(path, Alignment(a.cols, a.vals, a.main_vocab, "exact", {}, key="other"))
+    assert load_alignment(path, a.key, a.aux_vocab, a.main_vocab) is None
+    c = align(g, gt, m, t, "exact", cache_dir=tmp_path)
+    assert c.stats["cache_hit"] == 0
+    path.write_bytes(b"garbage" * 10)
+    with pytest.raises(FusionlabError, match="corrupt"):
+        align(g, gt, m, t, "exact", cache_dir=tmp_path)
+    assert align(g, gt, m, t, "exact", cache_dir=tmp_path, rebuild=True).stats["cache_hit"] == 0
+    # a changed model (different lm_head) gets a different key: the old file is not used
+    with torch.no_grad():
+        g.get_output_embeddings().weight[5] += 1
+    assert align(g, gt, m, t, "exact", cache_dir=tmp_path).key != a.key
+
+
+class _Head(torch.nn.Module):
+    """Just an output embedding matrix: all the surface-form methods need from a model."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.head = torch.nn.Linear(4, vocab, bias=False)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def _word_tokenizer(words):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0])),
+                                   unk_token=words[0])
+
+
+def test_mined_maps_to_minimum_edit_distance_on_a_small_vocabulary(tmp_path):
+    main_words = ["[u]", "cat", "dog", "house", "mouse", "the", "zebra"]
+    aux_words = ["[v]", "cats", "hose", "dig", "cat", "the", "zebr"]
+    main_tok, aux_tok = _word_tokenizer(main_words), _word_tokenizer(aux_words)
+    a = align(_Head(len(aux_words)), aux_tok, _Head(len(main_words)), main_tok, "mined", cache_dir=tmp_path)
+    got = {aux_words[i]: main_words[int(a.cols[i, 0])] for i in range(len(aux_words)) if a.cols[i, 0] >= 0}
+    # exact matches first (cat, the), then min edit distance: cats->cat (1), hose->house (1, mouse is 2),
+    # dig->dog (1), zebr->zebra (1); the unk token maps by role, not by id or spelling
+    assert got == {"[v]": "[u]", "cats": "cat", "hose": "house", "dig": "dog", "cat": "cat", "the": "the",
+                   "zebr": "zebra"}
+    assert a.stats["mined_rows"] == 4 and a.stats["seed_pairs"] == 2
+    assert torch.equal(a.vals[:, 0], (a.cols[:, 0] >= 0).float())
+    ex = align(_Head(len(aux_words)), aux_tok, _Head(len(main_words)), main_tok, "exact")
+    assert [main_words[int(c)] if c >= 0 else None for c in ex.cols[:, 0]] == ["[u]", None, None, None, "cat", "the", None]

@@ -1,0 +1,123 @@
+"""Trainer configs, and the distill job end to end (tiny random models with the real tokenizers)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["model=tiny_llama", "model@distill.sources.gemma3_270m=tiny_gemma", "logger=csv",
+        "distill.data.limit=6", "distill.data.max_length=48", "distill.shard_size=4"]
+
+
+@pytest.mark.parametrize("name,strategy", [
+    ("cpu", None), ("gpu", None), ("ddp", "DDPStrategy"), ("fsdp", "FSDPStrategy"),
+    ("deepspeed_z2", "DeepSpeedStrategy"), ("deepspeed_z3_offload", "DeepSpeedStrategy")])
+def test_trainer_configs_compose_and_instantiate(compose, name, strategy):
+    from hydra.utils import instantiate
+
+    cfg = compose(["+experiment=fusechat_pairwise", f"trainer={name}"])
+    assert cfg.trainer._target_ == "lightning.Trainer"
+    if strategy is None:
+        assert cfg.trainer.strategy == "auto"
+    else:
+        obj = instantiate(cfg.trainer.strategy)
+        assert type(obj).__name__ == strategy
+        if name == "deepspeed_z3_offload":
+            assert obj.config["zero_optimization"]["stage"] == 3
+            assert obj.config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        if name == "fsdp":
+            from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+            assert LlamaDecoderLayer in obj.kwargs["auto_wrap_policy"]._module_classes
+    if name in ("cpu", "ddp"):
+        extra = {"accelerator": "cpu", "devices": 2 if name == "ddp" else 1, "precision": "32-true"}
+        trainer = instantiate(cfg.trainer, **extra, logger=False)
+        assert trainer.max_steps == 8
+
+
+def test_experiment_keys_land_at_top_level(compose):
+    cfg = compose(["+experiment=fusechat_pairwise"])
+    assert cfg.job == "distill" and cfg.distill.pivot.name == "smollm2_135m"
+    assert list(cfg.distill.sources) == ["gemma3_270m"] and cfg.distill.sources.gemma3_270m.name == "gemma3_270m"
+    assert cfg.align_method.family == "fusechat" and set(cfg.callbacks) >= {"model_checkpoint", "lr_monitor"}
+
+
+def test_bad_options_fail_with_their_name(compose, tmp_path):
+    from fusionlab.errors import FusionlabError
+    from fusionlab.run import run
+
+    cfg = compose(["+experiment=fusechat_pairwise", *TINY, "+distill.lamda=0.5"], tmp_path / "a")
+    with pytest.raises(FusionlabError, match="lamda"):
+        run(cfg)
+
+
+def test_distill_job_runs_and_resumes_from_last_checkpoint(compose, tmp_path):
+    from fusionlab.run import run
+
+    cache = tmp_path / "cache"
+    common = ["+experiment=fusechat_pairwise", *TINY, f"distill.cache_dir={cache}",
+              "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.enable_progress_bar=false"]
+    out = tmp_path / "run"
+    m1 = run(compose([*common, "trainer.max_steps=2"], out))
+    assert m1["fit/steps"] == 2 and m1["fit/resumed"] is False
+    # one conversation's answer starts after the 48-token cut: dropped and counted, not trained on
+    assert m1["repr/pivot_kept"] == 5 and m1["repr/pivot_dropped_no_assistant"] == 1
+    assert (out / "checkpoints" / "last.ckpt").exists() and (out / "model" / "config.json").exists()
+    assert m1["align/samples"] == 5 and 0.5 < m1["align/gemma3_270m/exact_rate"] <= 1
+    assert json.loads((out / "metrics.json").read_text())["status"] == "ok"
+    m2 = run(compose([*common, "trainer.max_steps=4"], out))  # same dir: resumes at step 2
+    assert m2["fit/resumed"] is True and m2["fit/steps"] == 4
+    assert m2["time/representations_s"] < m1["time/representations_s"] + 30  # caches reused
+
+
+def test_ddp_fit_with_two_cpu_processes(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    # the source reuses the pivot's tokenizer here: each rank then loads one small tokenizer, not Gemma's 262k
+    cmd = [sys.executable, "-m", "fusionlab.run", "+experiment=fusechat_pairwise", *TINY,
+           "model@distill.sources.gemma3_270m=tiny_llama", "distill.sources.gemma3_270m.seed=1",
+           f"distill.cache_dir={tmp_path / 'cache'}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.precision=32-true", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
+           f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["fit/world_size"] == 2 and m["fit/steps"] == 2 and m["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_cli_fusechat_pairwise_with_real_models(tmp_path):
+    out = tmp_path / "real"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "fusionlab.run", "+experiment=fusechat_pairwise", "distill.data.limit=2",
+           "distill.data.max_length=48", f"distill.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=1",
+           "~callbacks.model_checkpoint", "trainer.enable_checkpointing=false", "distill.export_model=false",
+           "trainer.enable_progress_bar=false", "logger=csv", f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["fit/steps"] == 1 and m["align/gemma3_270m/exact_rate"] > 0.8
+    assert m["align/gemma3_270m/vocab_coverage"] > 0.5  # real models' top-k tokens are mostly shared words
+    assert 0 < m["final/train_loss"] < 20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="FSDP/DeepSpeed fits need a CUDA GPU")
+@pytest.mark.parametrize("trainer", ["fsdp", "deepspeed_z2"])
+def test_sharded_fit_on_gpu(tmp_path, trainer):
+    if trainer.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    out = tmp_path / trainer
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "fusionlab.run", "+experiment=fusechat_pairwise", *TINY,
+           f"distill.cache_dir={tmp_path / 'cache'}", f"trainer={trainer}", "trainer.devices=1", "trainer.max_steps=2",
+           "trainer.max_epochs=-1", "trainer.enable_progress_bar=false", f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["fit/steps"] == 2 and m["status"] == "ok"

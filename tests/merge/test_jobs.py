@@ -1,0 +1,116 @@
+"""The merge and chat_vector jobs through Hydra: CLI end to end, mergekit YAML, both experiments on a tiny model."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fusionlab.merge.io import CheckpointReader
+
+from .conftest import load_dir
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
+
+def test_merge_cli_end_to_end(tmp_path, family):
+    run_dir = tmp_path / "run"
+    models = (f"[{{model: '{family['m0']}', parameters: {{weight: 1.0}}}}, "
+              f"{{model: '{family['m1']}', parameters: {{weight: 0.5}}}}]")
+    cmd = [sys.executable, "-m", "fusionlab.run", "+experiment=merge", "merge_method=task_arithmetic",
+           f"merge.base={family['base']}", f"merge.models={models}", "merge.parameters.lambda=0.5",
+           "logger=none", f"hydra.run.dir={run_dir}"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and metrics["merge_method"] == "task_arithmetic"
+    got, b, m0, m1 = (load_dir(run_dir / "merged"), load_dir(family["base"]), load_dir(family["m0"]), load_dir(family["m1"]))
+    for k in b:
+        torch.testing.assert_close(got[k], b[k] + 0.5 * ((m0[k] - b[k]) + 0.5 * (m1[k] - b[k])))
+
+
+def test_bad_parameter_through_the_job_writes_nothing(tmp_path, family, compose):
+    from fusionlab.errors import FusionlabError
+    from fusionlab.run import run
+
+    cfg = compose(["+experiment=merge", f"merge.base={family['base']}", f"merge.models=['{family['m0']}']",
+                   "+merge.parameters.lamda=0.5", "logger=none"], tmp_path / "run")
+    with pytest.raises(FusionlabError, match="lamda"):
+        run(cfg)
+    assert not (tmp_path / "run" / "merged").exists()
+
+
+def test_mergekit_config_through_the_job(tmp_path, family, compose):
+    from fusionlab.run import run
+
+    y = tmp_path / "mk.yml"
+    y.write_text(f"merge_method: linear\nmodels:\n  - model: {family['m0']}\n    parameters: {{weight: 1.0}}\n"
+                 f"  - model: {family['m1']}\n    parameters: {{weight: 3.0}}\ndtype: float32\n")
+    cfg = compose(["+experiment=merge", f"merge.mergekit_config={y}", "logger=none"], tmp_path / "run")
+    metrics = run(cfg)
+    assert metrics["merge_method"] == "linear"
+    got, m0, m1 = load_dir(tmp_path / "run" / "merged"), load_dir(family["m0"]), load_dir(family["m1"])
+    for k in got:
+        torch.testing.assert_close(got[k], (m0[k] + 3 * m1[k]) / 4)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """A 2-layer Llama with SmolLM2's real tokenizer, saved like a HF checkpoint (for derive + perplexity)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fusionlab.models import embedded_checkpoint
+
+    src = embedded_checkpoint("smollm2_135m")
+    out = tmp_path_factory.mktemp("tiny_hf") / "tiny"
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=49152, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    model.save_pretrained(out)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / f).exists():
+            shutil.copy(src / f, out / f)
+    return out
+
+
+FAST = ["merge.derive.{n}.steps=1", "merge.derive.{n}.max_length=16", "merge.derive.{n}.batch_size=1"]
+
+
+@pytest.mark.parametrize("experiment,derived", [("chat_vector", ["chat", "cp"]), ("sce_merge", ["chat", "addsub"])])
+def test_experiments_run_on_a_tiny_base(tmp_path, tiny_hf, compose, monkeypatch, experiment, derived):
+    from fusionlab.run import run
+
+    monkeypatch.setenv("FUSIONLAB_CACHE", str(tmp_path / "cache"))
+    over = [f"+experiment={experiment}", f"merge.base={tiny_hf}", "logger=none", "merge.eval.max_length=16"]
+    over += [o.format(n=n) for n in derived for o in FAST]
+    if experiment == "sce_merge":  # two of the three fine-tunes and one eval set keep this test short
+        over += ["merge.models=[{model: 'derived:chat'}, {model: 'derived:addsub'}]", "~merge.derive.e2e",
+                 "~merge.eval.sets.addsub", "~merge.eval.sets.e2e"]
+    cfg = compose(over, tmp_path / "run")
+    assert cfg.job == ("chat_vector" if experiment == "chat_vector" else "merge")
+    metrics = run(cfg)
+    merged = CheckpointReader(tmp_path / "run" / "merged")
+    assert merged.shape["model.embed_tokens.weight"] == (49152, 16)
+    assert (tmp_path / "run" / "merged" / "tokenizer.json").exists()
+    assert all(f"ppl_mean/{k}" in metrics for k in ["base", "merged"])
+    assert all(v > 1 for k, v in metrics.items() if k.startswith("ppl"))
+    cached = list((tmp_path / "cache" / "merge_fixtures").iterdir())
+    assert len(cached) == len(derived)  # fine-tunes are cached, keyed by their inputs
+    if experiment == "chat_vector":
+        tau, base, chat = (load_dir(tmp_path / "run" / "chat_vectors" / "cv0"), load_dir(tiny_hf),
+                           load_dir(next(p for p in cached if p.name.startswith("chat"))))
+        name = "model.layers.0.mlp.up_proj.weight"
+        torch.testing.assert_close(tau[name], chat[name] - base[name])
+    else:
+        assert metrics["merge_method"] == "sce"
+
+
+def test_all_merge_method_configs_compose(compose, tmp_path):
+    from fusionlab.merge import METHODS
+
+    for name in METHODS:
+        cfg = compose(["+experiment=merge", f"merge_method={name}"], tmp_path / name)
+        assert cfg.merge.method == name and cfg.job == "merge"

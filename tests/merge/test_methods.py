@@ -1,0 +1,171 @@
+"""Every merge method against hand-computed tensors, plus the properties the issue lists."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fusionlab.errors import FusionlabError
+from fusionlab.merge import methods as M
+from fusionlab.merge.methods import METHODS, apply_method
+
+T = lambda *v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+
+
+def run(name, base, tensors, shared=None, per_model=None, seed=0):
+    m = METHODS[name]
+    shared = {**{k: v for k, v in m.shared.items() if v != M.REQUIRED}, **(shared or {})}
+    per_model = per_model or [{} for _ in tensors]
+    per_model = [{**{k: v for k, v in m.per_model.items() if v != M.REQUIRED}, **p} for p in per_model]
+    gen = torch.Generator().manual_seed(seed)
+    return apply_method(m, base, tensors, shared, per_model, gen)
+
+
+def close(a, b, tol=1e-6):
+    assert torch.allclose(a, b, atol=tol, rtol=tol), (a, b)
+
+
+# ------------------------------------------------------------------ hand-computed values
+def test_linear():
+    close(run("linear", None, [T(1, 2), T(3, 6)], per_model=[{"weight": 1}, {"weight": 3}]), T(2.5, 5))
+    close(run("linear", None, [T(1, 2), T(3, 6)], {"normalize": False}, [{"weight": 1}, {"weight": 3}]), T(10, 20))
+
+
+def test_task_arithmetic():
+    out = run("task_arithmetic", T(1, 1), [T(2, 0), T(1, 3)], {"lambda": 2.0}, [{"weight": 1}, {"weight": 0.5}])
+    close(out, T(3, 1))  # δ = (1,-1), (0,2); Σwδ = (1,0); λ=2 → (2,0)
+
+
+def test_ties():
+    # δ1 top-2 = (3,0,0,-2), δ2·0.5 top-2 = (0,-1,0,2); elected signs (+,-,+,+)
+    out = run("ties", torch.zeros(4), [T(3, -1, 0.5, -2), T(-1, -2, 1, 4)],
+              per_model=[{"weight": 1, "density": 0.5}, {"weight": 0.5, "density": 0.5}])
+    close(out, T(3, -2, 0, 4))  # divided by Σ w·mask = (1, .5, 1, .5)
+    out = run("ties", torch.zeros(4), [T(3, -1, 0.5, -2), T(-1, -2, 1, 4)], {"normalize": False},
+              per_model=[{"weight": 1, "density": 0.5}, {"weight": 0.5, "density": 0.5}])
+    close(out, T(3, -1, 0, 2))
+
+
+def test_breadcrumbs():
+    # n=10, keep 5, drop top 1 → ascending ranks 4..8
+    out = run("breadcrumbs", torch.zeros(10), [torch.arange(1.0, 11)], per_model=[{"weight": 1, "density": 0.5, "gamma": 0.1}])
+    close(out, T(0, 0, 0, 0, 5, 6, 7, 8, 9, 0))
+
+
+def test_breadcrumbs_ties():
+    out = run("breadcrumbs_ties", torch.zeros(4), [T(1, 2, 3, 4), T(-4, -3, 2, 1)],
+              per_model=[{"weight": 1, "density": 0.5, "gamma": 0.25}] * 2)
+    # δ1 keeps ranks 1,2 → (0,2,3,0); δ2 |.| = 4,3,2,1 keeps ranks 1,2 → (0,-3,2,0); sum (0,-1,5,0) → signs (+,-,+,+)
+    close(out, T(0, -3, 5, 0))
+
+
+def test_dare_inverse_density_and_l1():
+    delta = torch.linspace(-1, 1, 1000)
+    out = run("dare_linear", torch.zeros(1000), [delta], {"rescale_norm": "inverse_density"},
+              [{"weight": 1, "density": 0.3}])
+    kept = out != 0
+    close(out[kept], delta[kept] / 0.3, 1e-5)
+    assert 0.2 < kept.float().mean() < 0.4
+    out = run("dare_linear", torch.zeros(1000), [delta], per_model=[{"weight": 1, "density": 0.3}])  # mergekit: L1
+    assert math.isclose(float(out.abs().sum()), float(delta.abs().sum()), rel_tol=1e-5)
+
+
+def test_della_keep_rate_and_rescale():
+    delta = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    out = run("della_linear", torch.zeros_like(delta), [delta], per_model=[{"weight": 1, "density": 0.4, "epsilon": 0.1}])
+    keep = (out != 0).float()
+    assert 0.37 < float(keep.mean()) < 0.43
+    # larger magnitudes are kept more often
+    big = delta.abs() > delta.abs().median()
+    assert keep[big].mean() > keep[~big].mean() + 0.05
+    assert math.isclose(float(out.abs().sum()), float(delta.abs().sum()), rel_tol=1e-4)
+    with pytest.raises(FusionlabError, match="epsilon"):
+        run("della", torch.zeros(4), [T(1, 2, 3, 4)], per_model=[{"weight": 1, "density": 0.1, "epsilon": 0.2}])
+
+
+def test_model_stock():
+    close(run("model_stock", T(0, 0), [T(1, 0), T(0, 1)]), T(0, 0))  # orthogonal: t = 0
+    close(run("model_stock", T(0, 0), [T(1, 0), T(1, 0)]), T(1, 0))  # parallel: t = 1
+    c = 1 / math.sqrt(2)
+    t = 2 * c / (1 + c)
+    close(run("model_stock", T(0, 0), [T(1, 1), T(1, 0)]), T(t, 0.5 * t))
+
+
+def test_slerp():
+    close(run("slerp", T(1, 0), [T(0, 1)], {"t": 0.5}), T(c := 1 / math.sqrt(2), c))
+    close(run("slerp", T(1, 0), [T(2, 0)], {"t": 0.5}), T(1.5, 0))  # collinear → lerp
+    close(run("slerp", T(1, 0), [T(0, 1)], {"t": 0.0}), T(1, 0))
+
+
+def test_sce_code_and_paper():
+    base, a, b = torch.zeros(3), T(2, -1, 1), T(1, 1, -3)
+    # erase keeps a at 0, b everywhere; η = (2, 11/3) / (17/3)
+    close(run("sce", base, [a, b]), T(23 / 17, 1, -3))
+    close(run("sce", base, [a, b], {"variant": "paper"}), T(23 / 17, 11 / 17, -33 / 17))
+    # select_topk: variances (.25, 1, 4) → keep the top 2 → a=(0,-1,1), b=(0,1,-3)
+    close(run("sce", base, [a, b], {"select_topk": 0.67}), T(0, 1, -3))
+
+
+def test_varm():
+    close(run("varm", T(0, 0), [T(1, 1), T(2, 0)]), T(5 / 3, 1 / 3))  # w ∝ (1, 2)
+    close(run("varm", T(1, 1), [T(1, 1), T(1, 1)]), T(1, 1))  # no variation → uniform
+
+
+# ------------------------------------------------------------------ properties
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_linear_of_identical_models_is_that_model():
+    x = rand(8, 5)
+    close(run("linear", None, [x, x.clone(), x.clone()], per_model=[{"weight": 0.2}, {"weight": 1}, {"weight": 3}]), x)
+
+
+def test_task_arithmetic_lambda_zero_is_base():
+    base = rand(8, 5)
+    out = run("task_arithmetic", base, [rand(8, 5, seed=1), rand(8, 5, seed=2)], {"lambda": 0.0},
+              [{"weight": 1}, {"weight": 2}])
+    assert torch.equal(out, base)
+
+
+def test_ties_density_one_single_model_is_task_arithmetic():
+    base, m = rand(16, 8), rand(16, 8, seed=3)
+    a = run("ties", base, [m], per_model=[{"weight": 1, "density": 1.0}])
+    b = run("task_arithmetic", base, [m], per_model=[{"weight": 1}])
+    close(a, b)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties", "della", "della_linear"])
+def test_random_methods_density_one_deterministic_and_seeded(name):
+    base, ms = rand(16, 8), [rand(16, 8, seed=4), rand(16, 8, seed=5)]
+    pm = [{"weight": 1, "density": 1.0}, {"weight": 0.5, "density": 1.0}]
+    assert torch.equal(run(name, base, ms, per_model=pm, seed=1), run(name, base, ms, per_model=pm, seed=2))
+    pm = [{"weight": 1, "density": 0.5}, {"weight": 0.5, "density": 0.5}]
+    assert torch.equal(run(name, base, ms, per_model=pm, seed=1), run(name, base, ms, per_model=pm, seed=1))
+    assert not torch.equal(run(name, base, ms, per_model=pm, seed=1), run(name, base, ms, per_model=pm, seed=2))
+
+
+def test_topk_mask_matches_sort_with_and_without_ties():
+    for w in (rand(1000).abs(), torch.randint(0, 7, (1000,)).float()):
+        for k in (1, 10, 333, 999):
+            m = M.topk_mask(w, k)
+            assert int(m.sum()) == k
+            exact = torch.zeros(1000, dtype=torch.bool)
+            exact[torch.argsort(w, descending=True)[:k]] = True
+            assert torch.equal(m, exact)  # fast path or fallback: mergekit's set
+
+
+def test_every_method_has_a_yaml_with_its_defaults():
+    from pathlib import Path
+
+    import yaml
+
+    conf = Path(__file__).resolve().parents[2] / "conf" / "merge_method"
+    for name, m in METHODS.items():
+        y = yaml.safe_load((conf / f"{name}.yaml").read_text())
+        assert y["method"] == name
+        documented = {**m.shared, **m.per_model}
+        assert set(y["parameters"]) == set(documented), name
+        for k, v in documented.items():
+            assert y["parameters"][k] == (None if v == M.REQUIRED else v), (name, k)

@@ -1,0 +1,106 @@
+"""DiffERankCallback inside a real (tiny) Lightning fit."""
+from __future__ import annotations
+
+import math
+
+import lightning
+import pytest
+import torch
+
+from fusionlab.callbacks.diff_erank import DiffERankCallback
+from fusionlab.errors import FusionlabError
+from fusionlab.models import load_model
+
+TINY = {"name": "tiny", "source": "random", "tokenizer": "smollm2_135m",
+        "config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                   "num_attention_heads": 4, "num_key_value_heads": 2}}
+
+
+class TinyLM(lightning.LightningModule):
+    """A causal LM trained on random tokens: enough to move the weights between validations."""
+
+    def __init__(self):
+        super().__init__()
+        self.model, self.tokenizer = load_model(TINY)
+        self.model.train()
+
+    def training_step(self, batch, _):
+        (ids,) = batch
+        return self.model(input_ids=ids, labels=ids).loss
+
+    def validation_step(self, batch, _):
+        (ids,) = batch
+        self.log("val_loss", self.model(input_ids=ids, labels=ids).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def loader(seed: int, n: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 500, (n, 12), generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
+
+
+def test_callback_in_a_fit_validation_and_checkpoint_triggers(tmp_path):
+    """One tiny fit, two callbacks: per-validation logging (cached twin) and per-checkpoint storage."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    cb = DiffERankCallback(limit=3, max_length=32, layers="all", seed=0, trigger="validation")
+    seen = []
+    orig = cb.compute
+
+    def spy(pl_module):  # record what each validation produced (and the twin cache's identity)
+        out = orig(pl_module)
+        seen.append((out, id(cb._untrained)))
+        return out
+
+    cb.compute = spy
+    on_ckpt = DiffERankCallback(texts=["The cat sat on the mat today.", "Numbers: 1 2 3 4 5 6."],
+                                trigger="checkpoint", max_length=32, prefix="ckpt_erank")
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=False, save_top_k=-1, every_n_epochs=2)
+    trainer = lightning.Trainer(max_epochs=2, accelerator="cpu", logger=CSVLogger(tmp_path),
+                                callbacks=[cb, on_ckpt, ckpt], enable_progress_bar=False, enable_model_summary=False,
+                                num_sanity_val_steps=1)
+    module = TinyLM()
+    trainer.fit(module, loader(0), loader(1))
+
+    assert len(seen) == 2  # two epochs; the sanity check is skipped
+    assert seen[0][1] == seen[1][1]  # the untrained twin was evaluated once
+    logged = trainer.callback_metrics
+    for key in ("diff_erank/erank_trained", "diff_erank/erank_untrained", "diff_erank/diff_erank",
+                "diff_erank/diff_erank_arith", "diff_erank/layer1/diff_erank"):
+        assert key in logged and math.isfinite(float(logged[key]))
+    assert float(logged["diff_erank/diff_erank"]) == pytest.approx(
+        float(logged["diff_erank/erank_untrained"]) - float(logged["diff_erank/erank_trained"]), rel=1e-5)
+    # training moved the weights, so the model is no longer its seed-0 twin
+    assert seen[1][0]["diff_erank/diff_erank"] != 0.0
+    assert module.model.training  # the callback put the model back in training mode
+    header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
+    assert "diff_erank/diff_erank" in header and "ckpt_erank/diff_erank" in header
+
+    (path,) = list((tmp_path / "ckpt").glob("*.ckpt"))
+    stored = torch.load(path, weights_only=False)["diff_erank"]
+    assert stored == on_ckpt.last_metrics and math.isfinite(stored["ckpt_erank/diff_erank"])
+
+
+def test_callback_errors_name_the_fix():
+    with pytest.raises(FusionlabError, match="trigger='epoch'"):
+        DiffERankCallback(trigger="epoch")
+    with pytest.raises(FusionlabError, match="empty list"):
+        DiffERankCallback(texts=[])
+    cb = DiffERankCallback(limit=2, model_attr="net")
+    with pytest.raises(FusionlabError, match="pl_module.net"):
+        cb.compute(TinyLM())
+
+
+def test_callback_yaml_instantiates():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from tests.conftest import CONF_DIR
+
+    node = OmegaConf.load(CONF_DIR / "callbacks" / "diff_erank.yaml").diff_erank
+    cb = instantiate(node, limit=2, layers=[0, -1])
+    assert isinstance(cb, DiffERankCallback) and len(cb.texts) == 2 and cb.settings.layers == [0, -1]
