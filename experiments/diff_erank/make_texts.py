@@ -1,9 +1,10 @@
 """Rebuild fusionlab/data/erank_texts.jsonl, the small text set shipped for Diff-eRank.
 
-Deterministic: assistant outputs of /work/shared/data/chat/sample.jsonl (Alpaca-GPT4 style,
+Deterministic: assistant outputs of a ShareGPT-style sample of LLaMA-Factory's alpaca_en_demo.json
+(Alpaca-GPT4 style,
 CC BY-NC 4.0), every 5th record whose output has 200-1200 characters, the first 40 of them.
 
-    python experiments/diff_erank/make_texts.py [--src PATH] [--n 40]
+    python experiments/diff_erank/make_texts.py --src PATH/sample.jsonl [--n 40]
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ OUT = Path(__file__).resolve().parents[2] / "fusionlab" / "data" / "erank_texts.
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--src", default="/work/shared/data/chat/sample.jsonl")
+    ap.add_argument("--src", required=True, help="JSONL of {id, conversations: [human, gpt]}")
     ap.add_argument("--n", type=int, default=40)
     args = ap.parse_args()
     rows = []

@@ -56,7 +56,11 @@ def make_sample(pivot_tok, source_tok, n_tokens: int):
     from fusionlab.distill.conversations import load_conversations, render
     from fusionlab.distill.vocab import strip_marker, token_surfaces
 
-    convs = load_conversations("/work/shared/data/chat/sample.jsonl")
+    from pathlib import Path
+
+    import fusionlab
+
+    convs = load_conversations(Path(fusionlab.__file__).parent / "data" / "chat" / "fusechat_mini.jsonl")
     text = ""
     for c in convs:
         text += render(pivot_tok, c["messages"])[0]

@@ -7,6 +7,7 @@ timing starts). Equality: max over tensors of max|a - b| / max|b| (fp32).
     python experiments/merge/bench_vs_mergekit.py                  # tiny + SmolLM2-sized, all methods
     python experiments/merge/bench_vs_mergekit.py --sets smollm2 --methods ties --repeats 2
     python experiments/merge/bench_vs_mergekit.py --device cuda    # on a GPU box (both tools on the GPU)
+    python experiments/merge/bench_vs_mergekit.py --sets smollm2 --methods ties ties_index  # + fusionlab tie_break=index
 
 Model sets (built once, cached under $FUSIONLAB_CACHE/merge_bench):
 - tiny: a random 4-layer Llama (hidden 256, vocab 4096) + 3 copies with Gaussian perturbations;
@@ -20,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -58,7 +58,13 @@ def build_set(name: str, root: Path) -> dict[str, str]:
     return out
 
 
-def merge_config(method: str, s: dict[str, str]) -> dict:
+def merge_config(method: str, s: dict[str, str], tool: str = "mergekit") -> dict:
+    """``<method>_index`` = <method> with fusionlab's ``tie_break: index`` (mergekit runs plain <method>)."""
+    if method.endswith("_index"):
+        cfg = merge_config(method.removesuffix("_index"), s)
+        if tool == "fusionlab":
+            cfg["parameters"] = {**cfg.get("parameters", {}), "tie_break": "index"}
+        return cfg
     m = [s["m0"], s["m1"], s["m2"]]
     dens = [(1.0, 0.5), (0.5, 0.5), (0.5, 0.3)]
     body = {
@@ -97,7 +103,8 @@ def worker(tool: str, config_path: str, out: str, device: str, threads: int) -> 
         start = time.perf_counter()
         merge(cfg)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process image's peak RSS (ru_maxrss would also count the parent's RSS at fork time)
+    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) / 1024
     print(json.dumps({"seconds": round(seconds, 3), "peak_rss_mb": round(peak, 1)}))
 
 
@@ -154,11 +161,14 @@ def main() -> None:
     for set_name in args.sets:
         s = build_set(set_name, root)
         for method in args.methods:
-            cfg_path = work / f"{set_name}_{method}.yml"
-            cfg_path.write_text(yaml.safe_dump(merge_config(method, s)))
+            cfg_paths = {}
+            for tool in ("mergekit", "fusionlab"):
+                cfg_paths[tool] = work / f"{set_name}_{method}_{tool}.yml"
+                cfg_paths[tool].write_text(yaml.safe_dump(merge_config(method, s, tool)))
             for rep in range(args.repeats):
                 order = ["mergekit", "fusionlab"] if rep % 2 == 0 else ["fusionlab", "mergekit"]
-                res = {tool: run_one(tool, cfg_path, work / f"{set_name}_{method}_{tool}", args.device, args.threads) for tool in order}
+                res = {tool: run_one(tool, cfg_paths[tool], work / f"{set_name}_{method}_{tool}", args.device, args.threads)
+                       for tool in order}
                 diff = max_rel_diff(work / f"{set_name}_{method}_fusionlab", work / f"{set_name}_{method}_mergekit")
                 row = {"set": set_name, "method": method, "rep": rep, "max_rel_diff": diff,
                        "mergekit_s": res["mergekit"]["seconds"], "fusionlab_s": res["fusionlab"]["seconds"],

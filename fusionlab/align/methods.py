@@ -6,6 +6,7 @@ special tokens mapped by role, the held-out P@1 figure, timing and the on-disk c
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -146,6 +147,12 @@ def align(aux_model, aux_tok, main_model, main_tok, method: str = "vecmap_csls",
     """
     if method not in ALIGN_METHODS:
         raise FusionlabError(f"Unknown align method {method!r}; use one of {sorted(ALIGN_METHODS)}.")
+    fn = inspect.signature(ALIGN_METHODS[method]).parameters
+    known = {n for n, p in fn.items() if p.kind is inspect.Parameter.KEYWORD_ONLY} | {"holdout", "seed", "seed_mode"}
+    unknown = sorted(set(params) - known)
+    if unknown:  # the methods accept **_ (shared options), so a typo would otherwise be ignored silently
+        raise FusionlabError(f"Unknown align_method option(s) {unknown} for method {method!r}; "
+                             f"valid options are {sorted(known | {'normalize_rows', 'cache_dir', 'rebuild'})}.")
     n_aux, n_main = _vocab_sizes(aux_model, main_model)
     key_params = {**{k: v for k, v in params.items() if k not in ("progress", "block", "device")},
                   "normalize_rows": normalize_rows, "aux_eos_ids": sorted(int(i) for i in aux_eos_ids),

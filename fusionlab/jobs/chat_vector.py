@@ -15,8 +15,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fusionlab.errors import FusionlabError
-from fusionlab.jobs._common import to_dict
-from fusionlab.jobs.merge import derive_models, label_of, perplexities, substitute, tracker
+from fusionlab.jobs._common import make_tracker, to_dict
+from fusionlab.jobs.merge import derive_models, label_of, perplexities, substitute
 
 KEYS = {"base", "chat", "cp", "ratio", "skip_embed", "special_tokens_map", "tokenizer_source", "dtype", "output",
         "vector_output", "derive", "eval", "overwrite", "progress", "shard_size"}
@@ -57,7 +57,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     metrics["merge_output"] = merged
     models = {"base": base, "cp": cp, **{f"chat{'' if len(chats) == 1 else i}": d for i, d in enumerate(chat_dirs)},
               "merged": merged}
-    with tracker(cfg, output_dir) as tr:
+    with make_tracker(cfg, output_dir) as tr:
         ppl = perplexities(models, m.get("eval") or {})
         metrics.update(ppl)
         tr.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -90,6 +90,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         # Members alone go through the same KV-cached step loop as the ensemble (one model, no aux),
         # so accuracy and speed are compared like for like: same prompts, stops and decoding rule.
         kwargs = ens.decoder_kwargs()
+        for member, ps in zip(members, prompts):  # warm-up (one-time kernel set-up) outside the timings
+            EvaDecoder(member, [], [], **kwargs).generate([ps[:1]], max_new_tokens=1)
         member_step_s = []
         if ens.eval_members:
             for name, member, spec, ps in zip(names, members, specs, prompts):

@@ -6,9 +6,10 @@ Config (``merge:``; see conf/experiment/merge.yaml and conf/merge_method/*.yaml)
   ``shard_size``, ``tokenizer_source``, ``seed``, ``overwrite``: :class:`fusionlab.merge.MergeConfig`;
 - ``output``: where the merged checkpoint goes (default ``<output_dir>/merged``);
 - ``mergekit_config``: a mergekit YAML to run instead of ``method``/``base``/``models``/``parameters``;
-- ``derive``: {name: {kind, data, start, stop, steps, lr, batch_size, max_length, seed}}: short
-  fine-tunes of the base, cached, referred to as ``derived:<name>`` in base/models;
-- ``eval``: {max_length, batch_size, sets: {name: {kind, data, start, stop}}}: perplexity of every
+- ``derive``: {name: {kind, start, stop, steps, lr, batch_size, max_length, seed, data}}: short
+  fine-tunes of the base on shipped texts (``kind``: chat | addsub | e2e | gsm8k; ``data``: optional
+  user JSONL of that format), cached, referred to as ``derived:<name>`` in base/models;
+- ``eval``: {max_length, batch_size, sets: {name: {kind, start, stop, data}}}: perplexity of every
   input and of the merged model on held-out shipped texts → ``ppl/<set>/<model>`` in metrics.json.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fusionlab.errors import FusionlabError
 from fusionlab.jobs._common import make_tracker, to_dict
@@ -42,15 +43,13 @@ def derive_models(base_ref: str, derive: dict[str, Any]) -> dict[str, str]:
     for name, spec in derive.items():
         spec = dict(spec)
         unknown = set(spec) - {"kind", "data", "start", "stop", "steps", "lr", "batch_size", "max_length", "seed"}
-        if unknown or "kind" not in spec or "data" not in spec:
-            raise FusionlabError(f"merge.derive.{name} needs kind and data (+ start, stop, steps, lr, batch_size, "
-                                 f"max_length, seed); unknown keys: {sorted(unknown)}.")
-        if not Path(spec["data"]).is_file():
-            raise FusionlabError(f"merge.derive.{name}.data={spec['data']!r} does not exist.")
+        if unknown or "kind" not in spec:
+            raise FusionlabError(f"merge.derive.{name} needs kind (+ start, stop, steps, lr, batch_size, max_length, "
+                                 f"seed, data); unknown keys: {sorted(unknown)}.")
         log.info("Deriving %s from %s (%s)", name, base_ref, spec)
-        kind, data = spec.pop("kind"), spec.pop("data")
+        kind, data = spec.pop("kind"), spec.pop("data", None)
         start, stop = spec.pop("start", 0), spec.pop("stop", None)
-        out[DERIVED + name] = str(D.cached_finetune(base_dir, kind, data, cache_dir(), start, stop, **spec))
+        out[DERIVED + name] = str(D.cached_finetune(base_dir, kind, cache_dir(), start, stop, data, **spec))
     return out
 
 
@@ -70,21 +69,13 @@ def perplexities(models: dict[str, str], spec: dict[str, Any]) -> dict[str, floa
     if not spec or not spec.get("sets"):
         return {}
     metrics: dict[str, float] = {}
-    texts = {name: D.load_texts(s["data"], s["kind"], s.get("start", 0), s.get("stop")) for name, s in spec["sets"].items()}
+    texts = {name: D.load_texts(s["kind"], s.get("start", 0), s.get("stop"), s.get("data")) for name, s in spec["sets"].items()}
     for label, ref in models.items():
         ppl = D.perplexity(resolve_checkpoint(ref), texts, spec.get("max_length", 64), spec.get("batch_size", 4))
         for name, value in ppl.items():
             metrics[f"ppl/{name}/{label}"] = round(value, 4)
         metrics[f"ppl_mean/{label}"] = round(math.exp(sum(math.log(v) for v in ppl.values()) / len(ppl)), 4)
     return metrics
-
-
-def tracker(cfg: DictConfig, output_dir: Path):
-    """make_tracker on the config without Hydra's own node (present when tests compose with
-    return_hydra_config=True; resolving it outside a multirun fails on hydra.job.num)."""
-    if "hydra" in cfg:
-        cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
-    return make_tracker(cfg, output_dir)
 
 
 def label_of(ref: str) -> str:
@@ -121,7 +112,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     from fusionlab.merge import plan
 
     plan(mc)  # every config error surfaces here, before a tracker or any output exists
-    with tracker(cfg, output_dir) as tr:
+    with make_tracker(cfg, output_dir) as tr:
         metrics: dict[str, Any] = {"merge_method": mc.method, **merge(mc)}
         inputs = {"base": mc.base} if mc.base else {}
         inputs.update({labels.get(mm.model, label_of(mm.model)): mm.model for mm in mc.models if mm.model != mc.base})

@@ -24,24 +24,45 @@ from fusionlab.io import atomic_dir, read_jsonl
 
 log = logging.getLogger(__name__)
 
-FIXTURE_VERSION = "1"
-CHAT_DATA = Path("/work/shared/data/chat/sample.jsonl")
+FIXTURE_VERSION = "2"  # 2: texts from the data shipped inside the package
+CHAT_DATA = Path(__file__).resolve().parent.parent / "data" / "chat" / "fusechat_mini.jsonl"  # 64 conversations
+KINDS = ("chat", "addsub", "e2e", "gsm8k")
 
 
 def _key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps([FIXTURE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def load_texts(path: str | Path, kind: str, start: int = 0, stop: int | None = None) -> list[str]:
-    """Plain training/eval texts from a shipped jsonl: ``chat`` (question + answer), ``addsub``, ``e2e``."""
-    rows = read_jsonl(path)[start:stop]
+def load_texts(kind: str, start: int = 0, stop: int | None = None, path: str | Path | None = None) -> list[str]:
+    """Plain training/eval texts, rows ``[start, stop)``: ``chat`` (question + answer of the shipped
+    conversations, ``fusionlab/data/chat/fusechat_mini.jsonl``), or a shipped task (``addsub``, ``e2e``,
+    ``gsm8k``; :func:`fusionlab.tasks.load_examples`). ``path``: a user JSONL of the same format instead."""
+    from fusionlab.errors import FusionlabError
+    from fusionlab.tasks import load_examples
+
+    if kind not in KINDS:
+        raise FusionlabError(f"Unknown text kind {kind!r}; use one of {list(KINDS)}.")
+    if path is not None and not Path(path).expanduser().is_file():
+        raise FusionlabError(f"Text file {str(path)!r} (kind {kind!r}) does not exist; drop `data` to use the shipped set.")
     if kind == "chat":
-        return [f"Question: {r['conversations'][0]['value']}\nAnswer: {r['conversations'][1]['value']}" for r in rows]
-    if kind == "addsub":
-        return [f"Question: {r['question']}\nAnswer: {r['equation']} so the answer is {r['answer']}." for r in rows]
-    if kind == "e2e":
-        return [f"Data: {r['mr']}\nText: {r['references'][0]}" for r in rows]
-    raise ValueError(f"unknown text kind {kind!r}")
+        rows = read_jsonl(Path(path).expanduser() if path else CHAT_DATA)
+        texts = []
+        for r in rows:
+            turns = r.get("conversations") or [{"value": m["content"]} for m in r.get("messages", [])]
+            texts.append(f"Question: {turns[0]['value']}\nAnswer: {turns[1]['value']}")
+    else:
+        rows = load_examples(kind, path=str(path) if path else None)
+        if kind == "addsub":
+            texts = [f"Question: {r['question']}\nAnswer: {r['equation']} so the answer is {r['answer']}." for r in rows]
+        elif kind == "e2e":
+            texts = [f"Data: {r['question']}\nText: {r['answer'][0]}" for r in rows]
+        else:  # gsm8k: the worked solution
+            texts = [f"Question: {r['question']}\nAnswer: {r['solution']}" for r in rows]
+    out = texts[start:stop]
+    if not out:
+        raise FusionlabError(f"Rows [{start}, {stop}) of the {kind!r} texts are empty ({len(texts)} rows); "
+                             "pick start/stop inside the set.")
+    return out
 
 
 def finetune(base_dir: str | Path, texts: list[str], out_dir: str | Path, steps: int = 8, lr: float = 1e-4,
@@ -81,12 +102,13 @@ def finetune(base_dir: str | Path, texts: list[str], out_dir: str | Path, steps:
     return out_dir
 
 
-def cached_finetune(base_dir: str | Path, kind: str, data: str | Path, cache_root: Path, start: int = 0,
-                    stop: int | None = None, **kw: Any) -> Path:
-    """:func:`finetune` on ``load_texts(data, kind, start, stop)``, cached by a hash of all inputs."""
-    key = _key(str(base_dir), kind, str(data), start, stop, kw)
+def cached_finetune(base_dir: str | Path, kind: str, cache_root: Path, start: int = 0, stop: int | None = None,
+                    data: str | Path | None = None, **kw: Any) -> Path:
+    """:func:`finetune` on ``load_texts(kind, start, stop, data)``, cached by a hash of all inputs (texts included)."""
+    texts = load_texts(kind, start, stop, data)
+    key = _key(str(base_dir), kind, hashlib.sha256("\x00".join(texts).encode()).hexdigest(), kw)
     out = cache_root / "merge_fixtures" / f"{kind}-{key}"
-    return finetune(base_dir, load_texts(data, kind, start, stop), out, **kw)
+    return finetune(base_dir, texts, out, **kw)
 
 
 def perturb(base_dir: str | Path, out_dir: str | Path, scale: float = 0.01, seed: int = 0) -> Path:

@@ -142,15 +142,15 @@ class CheckpointReader:
         f = self._files.get(path)
         if f is None:
             f = self._files[path] = open(path, "rb", buffering=0)
-        buf = bytearray(end - begin)
+        buf = torch.empty(end - begin, dtype=torch.uint8)  # uninitialised: no memset before the read
         f.seek(self._data_start[path] + begin)
-        view, got = memoryview(buf), 0
-        while got < len(buf):
+        view, got = memoryview(buf.numpy()), 0
+        while got < len(view):
             n = f.readinto(view[got:])
             if not n:
                 raise FusionlabError(f"{path} is truncated (tensor {name!r}); re-download or re-save it.")
             got += n
-        return torch.frombuffer(buf, dtype=dtype).reshape(self.shape[name])
+        return buf.view(dtype).reshape(self.shape[name])
 
     def close(self) -> None:
         for f in self._files.values():

@@ -8,7 +8,11 @@ gives the same numbers here; fusionlab-only options are marked as such.
 Speed: mergekit ranks magnitudes with a full ``argsort`` per delta. We find the cut with
 ``kthvalue`` (O(n)) and only fall back to mergekit's exact sort call when equal magnitudes
 straddle the cut, where the choice among ties is whatever that sort returns. The kept set is
-therefore always the same as mergekit's.
+therefore always the same as mergekit's (``tie_break: mergekit``, the default). torch's CPU sort is
+not stable (introsort): which of the tied entries it puts first depends on the whole array, so that
+choice cannot be made from the tied entries alone. ``tie_break: index`` (fusionlab only) keeps the
+O(n) path everywhere and breaks ties at the cut by position, as a STABLE sort would; it differs from
+mergekit only on entries whose magnitude equals the cut exactly.
 """
 from __future__ import annotations
 
@@ -48,6 +52,34 @@ def _rank_range_mask(w: torch.Tensor, lo: int, hi: int, exact_indices: Callable[
     return mask
 
 
+def _stable_prefix_mask(w: torch.Tensor, m: int, descending: bool) -> torch.Tensor:
+    """Mask of the first ``m`` entries of a STABLE sort of 1-D ``w`` (ties in index order), in O(n)."""
+    n = w.numel()
+    if m <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=w.device)
+    if m >= n:
+        return torch.ones(n, dtype=torch.bool, device=w.device)
+    v = torch.kthvalue(w, n - m + 1 if descending else m).values
+    mask = w > v if descending else w < v
+    need = m - int(mask.sum())
+    if need > 0:
+        mask[torch.nonzero(w == v).reshape(-1)[:need]] = True
+    return mask
+
+
+def rank_range_mask(w: torch.Tensor, lo: int, hi: int, exact_indices: Callable[[], torch.Tensor],
+                    tie_break: str = "mergekit", descending: bool = False) -> torch.Tensor:
+    """Entries of rank ``[lo, hi)`` (ascending, or ``descending``): ties as the reference sort, or by index."""
+    if tie_break == "index":
+        return _stable_prefix_mask(w, hi, descending) & ~_stable_prefix_mask(w, lo, descending)
+    if tie_break != "mergekit":
+        raise FusionlabError(f"Unknown tie_break {tie_break!r}; use mergekit (exact, default) or index (fast).")
+    n = w.numel()
+    if descending:
+        lo, hi = n - hi, n - lo
+    return _rank_range_mask(w, lo, hi, exact_indices)
+
+
 def topk_mask(w: torch.Tensor, k: int, reference: str = "argsort") -> torch.Tensor:
     """Mask of the ``k`` largest entries of 1-D ``w`` (ties resolved like mergekit's ``reference``)."""
     n = w.numel()
@@ -79,7 +111,8 @@ def _rescale(delta: torch.Tensor, mask: torch.Tensor, norm: str | None, density:
 
 
 # --------------------------------------------------------------------------- sparsification
-def magnitude(delta: torch.Tensor, density: float, rescale_norm: str | None = None) -> torch.Tensor:
+def magnitude(delta: torch.Tensor, density: float, rescale_norm: str | None = None,
+              tie_break: str = "mergekit") -> torch.Tensor:
     """TIES: keep the top ``density`` fraction of entries by magnitude (at least one)."""
     if density >= 1:
         return delta
@@ -87,12 +120,13 @@ def magnitude(delta: torch.Tensor, density: float, rescale_norm: str | None = No
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
     w = delta.abs().reshape(-1).float()
-    mask = topk_mask(w, k, "argsort").reshape(delta.shape)
+    mask = rank_range_mask(w, 0, k, lambda: torch.argsort(w, descending=True)[:k], tie_break,
+                           descending=True).reshape(delta.shape)
     return _rescale(delta, mask, rescale_norm, density)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
-                       rescale_norm: str | None = None) -> torch.Tensor:
+                       rescale_norm: str | None = None, tie_break: str = "mergekit") -> torch.Tensor:
     """Breadcrumbs: drop the largest ``gamma`` fraction, then the smallest, keeping ``density``."""
     if density >= 1:
         return delta
@@ -101,8 +135,8 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
     n_top = int(gamma * n)
     n_bot = max(0, n - target_n - n_top)
     w = delta.abs().reshape(-1).float()
-    mask = _rank_range_mask(w, n_bot, n_bot + target_n,
-                            lambda: torch.sort(w, descending=False).indices[n_bot:n_bot + target_n])
+    mask = rank_range_mask(w, n_bot, n_bot + target_n,
+                           lambda: torch.sort(w, descending=False).indices[n_bot:n_bot + target_n], tie_break)
     return _rescale(delta, mask.reshape(delta.shape), rescale_norm, density)
 
 
@@ -160,37 +194,47 @@ def linear(base, tensors, *, weight: list[float], normalize: bool = True):
 
 def _task_arithmetic_family(base, tensors, *, weight, density, sparsify=None, consensus=None,
                             normalize=False, rescale=False, lambda_=1.0, rescale_norm="l1",
-                            gamma=None, epsilon=None, generator=None, int8_mask=False):
+                            gamma=None, epsilon=None, generator=None, int8_mask=False, tie_break="mergekit"):
     """mergekit's GeneralizedTaskArithmetic: sparsify each δᵢ, weight, (sign-elect), sum, normalise, scale."""
     norm = rescale_norm if rescale else None
+    if not consensus:  # no sign election: accumulate in place, never stacking N deltas (same sums, same order)
+        mixed = None
+        for i, t in enumerate(tensors):
+            d = _sparsify(t - base, i, sparsify, density, gamma, epsilon, norm, generator, tie_break)
+            d.mul_(weight[i])
+            mixed = d if mixed is None else mixed.add_(d)
+        divisor = torch.tensor(weight, dtype=base.dtype, device=base.device).sum()
+        if normalize:
+            mixed /= divisor if abs(float(divisor)) >= 1e-8 else 1.0
+        if lambda_ != 1:
+            mixed *= lambda_
+        return base + mixed
     deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
     for i, t in enumerate(tensors):
-        d = t - base
-        if sparsify == "magnitude":
-            d = magnitude(d, density[i], norm)
-        elif sparsify == "random":
-            d = bernoulli(d, density[i], norm, generator)
-        elif sparsify == "magnitude_outliers":
-            d = magnitude_outliers(d, density[i], gamma[i], norm)
-        elif sparsify == "della":
-            d = della_magprune(d, density[i], epsilon[i], norm, generator)
-        deltas[i] = d
+        deltas[i] = _sparsify(t - base, i, sparsify, density, gamma, epsilon, norm, generator, tie_break)
     w = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device).reshape(-1, *([1] * base.dim()))
     deltas.mul_(w)
-    if consensus:
-        mask = sign_consensus(deltas, consensus)
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
-    else:
-        mixed = deltas.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+    mask = sign_consensus(deltas, consensus)
+    mixed = (deltas * mask).sum(dim=0)
+    divisor = (w * mask).sum(dim=0)
+    divisor[divisor == 0] = 1
     if normalize:
         mixed /= divisor
     if lambda_ != 1:
         mixed *= lambda_
     return base + mixed
+
+
+def _sparsify(d, i, sparsify, density, gamma, epsilon, norm, generator, tie_break="mergekit"):
+    if sparsify == "magnitude":
+        return magnitude(d, density[i], norm, tie_break)
+    if sparsify == "random":
+        return bernoulli(d, density[i], norm, generator)
+    if sparsify == "magnitude_outliers":
+        return magnitude_outliers(d, density[i], gamma[i], norm, tie_break)
+    if sparsify == "della":
+        return della_magprune(d, density[i], epsilon[i], norm, generator)
+    return d
 
 
 def task_arithmetic(base, tensors, **p):
@@ -331,19 +375,20 @@ class Method:
 _GTA_SHARED = {"int8_mask": False, "lambda": 1.0, "rescale_norm": "l1"}
 
 
-def _gta(name, fn, normalize, rescale, random=False, **extra_per_model):
-    return Method(name, fn, shared={**_GTA_SHARED, "normalize": normalize, "rescale": rescale},
+def _gta(name, fn, normalize, rescale, random=False, magnitude=False, **extra_per_model):
+    extra = {"tie_break": "mergekit"} if magnitude else {}  # fusionlab only: mergekit (exact) | index (O(n))
+    return Method(name, fn, shared={**_GTA_SHARED, "normalize": normalize, "rescale": rescale, **extra},
                   per_model={"weight": REQUIRED, "density": 1.0, **extra_per_model}, random=random)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("linear", linear, shared={"normalize": True}, per_model={"weight": REQUIRED}, base="input"),
     _gta("task_arithmetic", task_arithmetic, normalize=False, rescale=False),
-    _gta("ties", ties, normalize=True, rescale=False),
+    _gta("ties", ties, normalize=True, rescale=False, magnitude=True),
     _gta("dare_linear", dare_linear, normalize=False, rescale=True, random=True),
     _gta("dare_ties", dare_ties, normalize=False, rescale=True, random=True),
-    _gta("breadcrumbs", breadcrumbs, normalize=False, rescale=False, gamma=0.01),
-    _gta("breadcrumbs_ties", breadcrumbs_ties, normalize=False, rescale=False, gamma=0.01),
+    _gta("breadcrumbs", breadcrumbs, normalize=False, rescale=False, magnitude=True, gamma=0.01),
+    _gta("breadcrumbs_ties", breadcrumbs_ties, normalize=False, rescale=False, magnitude=True, gamma=0.01),
     _gta("della", della, normalize=True, rescale=True, random=True, epsilon=0.15),
     _gta("della_linear", della_linear, normalize=False, rescale=True, random=True, epsilon=0.15),
     Method("model_stock", model_stock, shared={"filter_wise": False}, min_models=2),

@@ -131,3 +131,8 @@ def test_mined_maps_to_minimum_edit_distance_on_a_small_vocabulary(tmp_path):
     assert torch.equal(a.vals[:, 0], (a.cols[:, 0] >= 0).float())
     ex = align(_Head(len(aux_words)), aux_tok, _Head(len(main_words)), main_tok, "exact")
     assert [main_words[int(c)] if c >= 0 else None for c in ex.cols[:, 0]] == ["[u]", None, None, None, "cat", "the", None]
+
+
+def test_unknown_align_option_is_named():
+    with pytest.raises(FusionlabError, match=r"\['neighbourhood'\].*vecmap_csls"):
+        align(_Head(3), None, _Head(3), None, "vecmap_csls", neighbourhood=1)

@@ -37,7 +37,7 @@ def test_trainer_configs_compose_and_instantiate(compose, name, strategy):
     if name in ("cpu", "ddp"):
         extra = {"accelerator": "cpu", "devices": 2 if name == "ddp" else 1, "precision": "32-true"}
         trainer = instantiate(cfg.trainer, **extra, logger=False)
-        assert trainer.max_steps == 8
+        assert trainer.max_steps == 4
 
 
 def test_experiment_keys_land_at_top_level(compose):

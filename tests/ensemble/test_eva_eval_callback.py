@@ -27,10 +27,13 @@ class TinyLM(lightning.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_eva_eval_callback_in_a_fit(tiny_pair, tmp_path):
+def test_eva_eval_callback_in_a_fit(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
-    (m, t), _ = tiny_pair
+    from fusionlab.models import load_model
+
+    m, t = load_model({"name": "main", "source": "random", "tokenizer": "smollm2_135m", "config": TINY})  # trained here
+    m.train()
     ids = torch.randint(5, 500, (4, 12), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
     aux = {"tiny_aux": {"source": "random", "tokenizer": "smollm2_135m", "seed": 7, "config": TINY,

@@ -169,3 +169,28 @@ def test_every_method_has_a_yaml_with_its_defaults():
         assert set(y["parameters"]) == set(documented), name
         for k, v in documented.items():
             assert y["parameters"][k] == (None if v == M.REQUIRED else v), (name, k)
+
+
+def test_index_tie_break_is_a_stable_sort_and_differs_only_at_the_cut():
+    """tie_break=index keeps exactly a STABLE sort's entries (ties by position) in O(n)."""
+    g = torch.Generator().manual_seed(3)
+    for n, levels in [(50, 3), (1000, 7), (4097, 50)]:
+        d = (torch.randint(-levels, levels + 1, (n,), generator=g) * 0.125).float()
+        w = d.abs()
+        for density in (0.1, 0.5, 0.9):
+            k = max(1, int(density * n))
+            want = torch.zeros(n, dtype=torch.bool)
+            want[torch.argsort(w, descending=True, stable=True)[:k]] = True
+            got = M.magnitude(d, density, tie_break="index") != 0
+            assert torch.equal(got, want & (d != 0))
+            exact = M.magnitude(d, density) != 0  # mergekit's (unstable) choice: same count, same values outside the cut
+            cut = torch.kthvalue(w, n - k + 1).values
+            assert torch.equal(got[w != cut], exact[w != cut])
+            n_top, target = int(0.05 * n), int(density * n)
+            n_bot = max(0, n - target - n_top)
+            want = torch.zeros(n, dtype=torch.bool)
+            want[torch.sort(w, stable=True).indices[n_bot:n_bot + target]] = True
+            got = M.magnitude_outliers(d, density, gamma=0.05, tie_break="index") != 0
+            assert torch.equal(got, want & (d != 0))
+    with pytest.raises(FusionlabError, match="tie_break 'random'"):
+        M.magnitude(torch.randn(10), 0.5, tie_break="random")
