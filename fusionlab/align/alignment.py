@@ -60,7 +60,7 @@ class Alignment:
         mask = self.cols >= 0
         rows = torch.arange(self.aux_vocab, device=self.cols.device)[:, None].expand_as(self.cols)[mask]
         return torch.sparse_coo_tensor(torch.stack([rows, self.cols[mask]]), self.vals[mask],
-                                       (self.aux_vocab, self.main_vocab)).coalesce()
+                                       (self.aux_vocab, self.main_vocab), check_invariants=False).coalesce()
 
     def project(self, probs: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """q = S^T p for a batch: ``probs`` (B, k) over aux ids ``ids`` (B, k), or dense (B, aux_vocab)."""

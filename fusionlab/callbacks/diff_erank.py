@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import lightning
 import torch
 
+from fusionlab.callbacks.base import EvalCallback
+
 from fusionlab.errors import FusionlabError
 from fusionlab.metrics.diff_erank import (DiffERankResult, DiffERankSettings, load_texts, model_entropies,
                                           tokenize, untrained_twin)
@@ -20,7 +22,7 @@ from fusionlab.metrics.diff_erank import (DiffERankResult, DiffERankSettings, lo
 log = logging.getLogger(__name__)
 
 
-class DiffERankCallback(lightning.Callback):
+class DiffERankCallback(EvalCallback):
     """Log the Diff-eRank of ``pl_module.<model_attr>`` (a transformers model) during training.
 
     Args:
@@ -36,8 +38,7 @@ class DiffERankCallback(lightning.Callback):
                  layers: Any = "last", batch_size: int = 8, max_length: int = 256, average: str = "geometric",
                  seed: int = 0, tokenizer: Any = None, model_attr: str = "model", trigger: str = "checkpoint",
                  prefix: str = "diff_erank"):
-        if trigger not in ("validation", "checkpoint"):
-            raise FusionlabError(f"DiffERankCallback trigger={trigger!r}: use 'validation' or 'checkpoint'.")
+        super().__init__(trigger=trigger)
         self.settings = DiffERankSettings.from_dict(dict(
             layers=layers if isinstance(layers, (str, int)) else list(layers), batch_size=batch_size,
             max_length=max_length, average=average, seed=seed, limit=limit, text_field=text_field,
@@ -50,12 +51,10 @@ class DiffERankCallback(lightning.Callback):
                 raise FusionlabError("DiffERankCallback got an empty list of texts; give it at least one text.")
         self.tokenizer = tokenizer
         self.model_attr = model_attr
-        self.trigger = trigger
         self.prefix = prefix
         self._tokens: list[list[int]] | None = None
         self._n_skipped = 0
         self._untrained: torch.Tensor | None = None
-        self.last_metrics: dict[str, float] = {}
 
     # -- plumbing -------------------------------------------------------------------------------
     def _model(self, pl_module):
@@ -105,20 +104,7 @@ class DiffERankCallback(lightning.Callback):
         self.last_metrics = metrics
         return metrics
 
-    # -- hooks ----------------------------------------------------------------------------------
-    def on_validation_epoch_end(self, trainer: "lightning.Trainer", pl_module: "lightning.LightningModule") -> None:
-        if self.trigger != "validation" or trainer.sanity_checking:
-            return
-        metrics = self.compute(pl_module)
-        for key, value in metrics.items():
-            pl_module.log(key, value, on_step=False, on_epoch=True, sync_dist=True)
+    checkpoint_key = "diff_erank"
 
-    def on_save_checkpoint(self, trainer: "lightning.Trainer", pl_module: "lightning.LightningModule",
-                           checkpoint: dict[str, Any]) -> None:
-        if self.trigger != "checkpoint":
-            return
-        metrics = self.compute(pl_module)
-        checkpoint["diff_erank"] = metrics
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
+    def evaluate(self, trainer: "lightning.Trainer", pl_module: "lightning.LightningModule") -> dict[str, float]:
+        return self.compute(pl_module)

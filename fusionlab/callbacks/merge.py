@@ -29,6 +29,8 @@ from typing import Any, Sequence
 import lightning
 import torch
 
+from fusionlab.callbacks.base import EvalCallback
+
 from fusionlab.errors import FusionlabError
 
 log = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 MODES = ("add", "merge")
 
 
-class MergeCallback(lightning.Callback):
+class MergeCallback(EvalCallback):
     """Write ``merge(trained model)`` at every checkpoint and log its perplexity.
 
     Args:
@@ -66,8 +68,7 @@ class MergeCallback(lightning.Callback):
 
         if mode not in MODES:
             raise FusionlabError(f"MergeCallback mode={mode!r}: use 'add' (chat vector) or 'merge' (a merge method).")
-        if trigger not in ("validation", "checkpoint"):
-            raise FusionlabError(f"MergeCallback trigger={trigger!r}: use 'validation' or 'checkpoint'.")
+        super().__init__(trigger=trigger, rank_zero_only=True)  # it writes files: rank zero only
         if mode == "add" and not chat_vector and not (chat_base and chat):
             raise FusionlabError("MergeCallback mode=add needs a chat vector: chat_vector=<dir extracted by "
                                  "fusionlab> or chat_base=<pre-trained model> and chat=<its chat fine-tune>.")
@@ -92,10 +93,9 @@ class MergeCallback(lightning.Callback):
             if not self.texts:
                 raise FusionlabError("MergeCallback got an empty list of texts; give it at least one.")
         self.max_length, self.batch_size = int(max_length), int(batch_size)
-        self.model_attr, self.trigger, self.prefix = model_attr, trigger, prefix
+        self.model_attr, self.prefix = model_attr, prefix
         self._base_dir: Path | None = None
         self._ppl_base: float | None = None
-        self.last_metrics: dict[str, float] = {}
         self.last_output: Path | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
@@ -194,18 +194,10 @@ class MergeCallback(lightning.Callback):
         for old in steps[: max(0, len(steps) - (int(self.keep_last) - 1))]:
             shutil.rmtree(old, ignore_errors=True)
 
-    # -- hooks ----------------------------------------------------------------------------------
-    def on_validation_epoch_end(self, trainer: "lightning.Trainer", pl_module: "lightning.LightningModule") -> None:
-        if self.trigger != "validation" or trainer.sanity_checking or not trainer.is_global_zero:
-            return
-        for key, value in self.merge_now(trainer, pl_module).items():
-            pl_module.log(key, value, on_step=False, on_epoch=True, rank_zero_only=True)
+    checkpoint_key = "merge"
 
-    def on_save_checkpoint(self, trainer: "lightning.Trainer", pl_module: "lightning.LightningModule",
-                           checkpoint: dict[str, Any]) -> None:
-        if self.trigger != "checkpoint" or not trainer.is_global_zero:
-            return
-        metrics = self.merge_now(trainer, pl_module)
-        checkpoint.setdefault("merge", {}).update({**metrics, f"{self.prefix}/output": str(self.last_output)})
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+    def evaluate(self, trainer: "lightning.Trainer", pl_module: "lightning.LightningModule") -> dict[str, float]:
+        return self.merge_now(trainer, pl_module)
+
+    def checkpoint_payload(self, metrics: dict[str, float]) -> dict[str, Any]:
+        return {**metrics, f"{self.prefix}/output": str(self.last_output)}

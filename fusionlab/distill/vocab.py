@@ -19,62 +19,21 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from functools import lru_cache
 from typing import Callable, Iterable
 
 import numpy as np
 
+from fusionlab.align.vocab import token_bytes
 from fusionlab.errors import FusionlabError
 
 
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2 bytes_to_unicode, inverted (the byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-def tokenizer_kind(tokens: list[str]) -> str:
-    """'bytelevel' (Ġ-marked) or 'sentencepiece' (▁-marked), guessed from the vocabulary."""
-    g = sum(1 for t in tokens if t and t[0] == "Ġ")
-    s = sum(1 for t in tokens if t and t[0] == "▁")
-    return "bytelevel" if g > s else "sentencepiece"
-
-
-def _surface(tok: str, kind: str, special: bool, dec: dict[str, int]) -> str:
-    if special:
-        return tok.encode("utf-8").decode("latin-1")
-    if kind == "bytelevel":
-        try:
-            return bytes(dec[c] for c in tok).decode("latin-1")
-        except KeyError:  # added tokens outside the byte alphabet
-            return tok.encode("utf-8").decode("latin-1")
-    if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
-        try:
-            return chr(int(tok[3:5], 16))
-        except ValueError:
-            pass
-    return tok.replace("▁", " ").encode("utf-8").decode("latin-1")
-
-
 def token_surfaces(tokenizer) -> list[str]:
-    """The surface (bytes as latin-1 str) of every id of ``tokenizer``; special tokens keep their text."""
-    n = len(tokenizer)
-    tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
-    tokens = [t if t is not None else "" for t in tokens]
-    kind = tokenizer_kind(tokens)
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    special |= {i for i, t in added.items() if getattr(t, "special", False)}
-    dec = _byte_decoder()
-    return [_surface(t, kind, i in special, dec) for i, t in enumerate(tokens)]
+    """The surface of every id of ``tokenizer``: its bytes as a latin-1 str (one char = one byte).
+
+    The bytes come from :func:`fusionlab.align.vocab.token_bytes`, the one place that knows how
+    byte-level BPE and SentencePiece spell text; special tokens keep their literal text.
+    """
+    return [b.decode("latin-1") if b is not None else "" for b in token_bytes(tokenizer)]
 
 
 def strip_marker(surface: str) -> str:

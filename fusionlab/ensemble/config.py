@@ -24,6 +24,7 @@ class EnsembleConfig:
     eval_members: bool = True
     cache_dir: str | None = None
     rebuild_alignment: bool = False
+    threads: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EnsembleConfig":

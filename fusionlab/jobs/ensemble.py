@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig
 
 from fusionlab.align import align
@@ -17,9 +18,8 @@ from fusionlab.ensemble.config import EnsembleConfig
 from fusionlab.ensemble.decoder import eos_ids
 from fusionlab.io import write_jsonl
 from fusionlab.jobs._common import make_tracker, model_spec, to_dict
-from fusionlab.jobs.evaluate import task_prompts, task_stops
 from fusionlab.models import ModelSpec, cache_dir, load_model
-from fusionlab.tasks import extract_answer, get_task, load_examples, score
+from fusionlab.tasks import extract_answer, few_shot_examples, get_task, load_examples, score, task_prompts, task_stops
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ def build_alignments(main, aux: list, method: str, params: dict[str, Any], cache
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     ens = EnsembleConfig.from_dict(to_dict(cfg.ensemble))
+    if ens.threads:  # 2 threads on 2 cores shared with other jobs ran 2-5x slower than 1 (experiments/eva/RESULTS.md)
+        torch.set_num_threads(ens.threads)
     main_spec = model_spec(cfg.model)
     aux_specs = [ModelSpec.from_dict({"name": name, **spec}) for name, spec in ens.aux.items()]
     names = [main_spec.name] + [s.name for s in aux_specs]
@@ -48,6 +50,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     task = get_task(cfg.task.name)
     examples = load_examples(task.name, path=cfg.task.get("path"), limit=cfg.task.get("limit"),
                              seed=cfg.task.get("seed", 0), shuffle=cfg.task.get("shuffle", False))
+    shots = few_shot_examples(task.name, cfg.task.get("n_shot", 0), seed=cfg.task.get("seed", 0),
+                              path=cfg.task.get("path"), exclude={ex["id"] for ex in examples})
     gen = cfg.generation
     max_new_tokens = gen.max_new_tokens or task.max_new_tokens
     method, params = alignment_options(cfg)
@@ -59,7 +63,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         specs = [main_spec] + aux_specs
         alignments = build_alignments(members[0], members[1:], method, {**params, "normalize_rows": normalize_rows},
                                       cache, ens.rebuild_alignment)
-        prompts = [task_prompts(task.name, examples, tok, s.use_chat_template) for (_, tok), s in zip(members, specs)]
+        prompts = [task_prompts(task.name, examples, tok, s.use_chat_template, shots) for (_, tok), s in zip(members, specs)]
         stops = sorted({s for spec in specs for s in task_stops(task.name, spec.use_chat_template)})
         metrics: dict[str, Any] = {"task": task.name, "n": len(examples), "main": names[0], "aux": ",".join(names[1:]),
                                    "align_method": method}

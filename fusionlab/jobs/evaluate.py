@@ -10,25 +10,11 @@ from omegaconf import DictConfig
 from fusionlab.io import write_jsonl
 from fusionlab.jobs._common import make_tracker, model_spec
 from fusionlab.models import load_model
-from fusionlab.models.chat import render_prompt
 from fusionlab.models.generation import generate
-from fusionlab.tasks import build_messages, get_task, load_examples, score, stop_strings, extract_answer
+from fusionlab.tasks import (extract_answer, few_shot_examples, get_task, load_examples, score, task_prompts,
+                             task_stops)
 
 log = logging.getLogger(__name__)
-
-
-def task_prompts(task_name: str, examples: list[dict], tokenizer, use_chat_template: bool) -> list[str]:
-    prompts = []
-    for ex in examples:
-        messages, prefix = build_messages(task_name, ex)
-        prompts.append(render_prompt(tokenizer, messages, use_chat_template=use_chat_template,
-                                     assistant_prefix=prefix))
-    return prompts
-
-
-def task_stops(task_name: str, use_chat_template: bool) -> list[str]:
-    """Task stop strings, plus the next-question marker that base models tend to write."""
-    return stop_strings(task_name) + ([] if use_chat_template else ["\nQuestion:"])
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -36,11 +22,13 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     task = get_task(cfg.task.name)
     examples = load_examples(task.name, path=cfg.task.get("path"), limit=cfg.task.get("limit"),
                              seed=cfg.task.get("seed", 0), shuffle=cfg.task.get("shuffle", False))
+    shots = few_shot_examples(task.name, cfg.task.get("n_shot", 0), seed=cfg.task.get("seed", 0),
+                              path=cfg.task.get("path"), exclude={ex["id"] for ex in examples})
     gen = cfg.generation
     max_new_tokens = gen.max_new_tokens or task.max_new_tokens
     with make_tracker(cfg, output_dir) as tracker:
         model, tokenizer = load_model(spec)
-        prompts = task_prompts(task.name, examples, tokenizer, spec.use_chat_template)
+        prompts = task_prompts(task.name, examples, tokenizer, spec.use_chat_template, shots)
         result = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=gen.batch_size,
                           do_sample=gen.do_sample, temperature=gen.temperature, top_p=gen.top_p,
                           stop=task_stops(task.name, spec.use_chat_template), seed=cfg.seed)
@@ -49,7 +37,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
                  "gold": ex["answer"], "correct": c}
                 for ex, p, o, c in zip(examples, prompts, result.texts, correct)]
         write_jsonl(output_dir / "predictions.jsonl", rows)
-        metrics = {"task": task.name, "model": spec.name, **scores,
+        metrics = {"task": task.name, "model": spec.name, "n_shot": len(shots), **scores,
                    "tokens_per_s": round(result.tokens_per_s, 3), "new_tokens": sum(result.new_tokens),
                    "generate_s": round(result.seconds, 3)}
         tracker.log(metrics)

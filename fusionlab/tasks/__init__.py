@@ -127,27 +127,87 @@ def load_examples(name: str, path: str | None = None, limit: int | None = None, 
     return examples
 
 
-def build_messages(name: str, example: dict[str, Any]) -> tuple[list[dict[str, str]], str]:
-    """Chat messages for one example plus the text the assistant's reply starts with."""
+def demo_answer(name: str, example: dict[str, Any]) -> str:
+    """The assistant reply a few-shot demonstration shows for ``example``."""
+    task = get_task(name)
+    gold = example["answer"]
+    if task.kind == "math":
+        solution = example.get("solution")
+        if solution:  # gsm8k: the worked solution, with its "#### N" line as the answer sentence
+            return solution.split("####")[0].strip() + f" The answer is {gold}."
+        return f"The answer is {gold}."
+    if task.kind == "choice":
+        return f"The answer is ({gold})."
+    return gold[0] if isinstance(gold, list) else str(gold)
+
+
+def few_shot_examples(name: str, n_shot: int, seed: int = 0, path: str | None = None,
+                      exclude: set[Any] = frozenset()) -> list[dict[str, Any]]:
+    """``n_shot`` seeded demonstrations from the task's data, never one of the ``exclude`` ids."""
+    if n_shot <= 0:
+        return []
+    pool = [ex for ex in load_examples(name, path=path) if ex["id"] not in exclude]
+    if len(pool) < n_shot:
+        raise FusionlabError(f"task.n_shot={n_shot} but only {len(pool)} examples of {name!r} are left for "
+                             "demonstrations; lower task.n_shot or task.limit.")
+    return random.Random(seed).sample(pool, n_shot)
+
+
+def build_messages(name: str, example: dict[str, Any],
+                   shots: list[dict[str, Any]] = ()) -> tuple[list[dict[str, str]], str]:
+    """Chat messages for one example (after optional few-shot turns) plus the text the reply starts with."""
+    messages: list[dict[str, str]] = []
+    for shot in shots:
+        messages += [_user_message(name, shot), {"role": "assistant", "content": demo_answer(name, shot)}]
+    messages.append(_user_message(name, example))
+    return messages, _assistant_prefix(name)
+
+
+def _user_message(name: str, example: dict[str, Any]) -> dict[str, str]:
     task = get_task(name)
     q = example["question"]
     if task.kind == "math":
-        return [{"role": "user", "content": f"{q}\n{MATH_INSTRUCTION}"}], "Let's think step by step."
-    if task.kind == "choice":
+        content = f"{q}\n{MATH_INSTRUCTION}"
+    elif task.kind == "choice":
         options = "\n".join(f"({k}) {v}" for k, v in example["choices"].items())
-        return ([{"role": "user", "content": f"{q}\nAnswer Choices:\n{options}\n"
-                  'End your reply with "The answer is X." where X is one of the letters.'}],
-                "Let's think step by step.")
-    if task.kind == "qa":
-        return [{"role": "user", "content": f"Answer the question with a short phrase.\nQuestion: {q}"}], "Answer:"
-    if task.name == "e2e":
-        return ([{"role": "user", "content": "Write one sentence describing a restaurant with these attributes: "
-                  f"{q}"}], "")
-    return [{"role": "user", "content": f"Translate the following Chinese text into English.\nChinese: {q}"}], "English:"
+        content = (f"{q}\nAnswer Choices:\n{options}\n"
+                   'End your reply with "The answer is X." where X is one of the letters.')
+    elif task.kind == "qa":
+        content = f"Answer the question with a short phrase.\nQuestion: {q}"
+    elif task.name == "e2e":
+        content = f"Write one sentence describing a restaurant with these attributes: {q}"
+    else:
+        content = f"Translate the following Chinese text into English.\nChinese: {q}"
+    return {"role": "user", "content": content}
+
+
+def _assistant_prefix(name: str) -> str:
+    kind = get_task(name).kind
+    if kind in ("math", "choice"):
+        return "Let's think step by step."
+    return {"qa": "Answer:", "generation": "English:" if name == "flores" else ""}[kind]
 
 
 def stop_strings(name: str) -> list[str]:
     return list(get_task(name).stop)
+
+
+def task_prompts(name: str, examples: list[dict[str, Any]], tokenizer, use_chat_template: bool,
+                 shots: list[dict[str, Any]] = ()) -> list[str]:
+    """Every example's prompt in one model's format (its chat template, or plain text for base models)."""
+    from fusionlab.models.chat import render_prompt
+
+    prompts = []
+    for ex in examples:
+        messages, prefix = build_messages(name, ex, shots)
+        prompts.append(render_prompt(tokenizer, messages, use_chat_template=use_chat_template,
+                                     assistant_prefix=prefix))
+    return prompts
+
+
+def task_stops(name: str, use_chat_template: bool) -> list[str]:
+    """Task stop strings, plus the next-question marker that base models (plain-text prompts) tend to write."""
+    return stop_strings(name) + ([] if use_chat_template else ["\nQuestion:"])
 
 
 def extract_answer(name: str, text: str) -> Any:

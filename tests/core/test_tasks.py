@@ -6,7 +6,7 @@ import json
 import pytest
 
 from fusionlab.errors import FusionlabError
-from fusionlab.tasks import TASKS, build_messages, load_examples, score
+from fusionlab.tasks import TASKS, build_messages, demo_answer, few_shot_examples, load_examples, score
 from fusionlab.tasks.scoring import bleu, exact_match, extract_choice, extract_number, normalize_text
 
 
@@ -101,3 +101,20 @@ def test_prompts_cover_every_task():
         messages, prefix = build_messages(name, ex)
         assert messages[-1]["role"] == "user" and "Q?" in messages[-1]["content"]
         assert isinstance(prefix, str)
+
+
+def test_few_shot_demonstrations_are_seeded_and_never_evaluated():
+    examples = load_examples("gsm8k", limit=5)
+    shots = few_shot_examples("gsm8k", 3, seed=0, exclude={e["id"] for e in examples})
+    assert len(shots) == 3 and not {s["id"] for s in shots} & {e["id"] for e in examples}
+    assert [s["id"] for s in shots] == [s["id"] for s in few_shot_examples("gsm8k", 3, seed=0,
+                                                                          exclude={e["id"] for e in examples})]
+    messages, prefix = build_messages("gsm8k", examples[0], shots)
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 3 + ["user"]
+    assert messages[1]["content"].endswith(f"The answer is {shots[0]['answer']}.")
+    assert "####" not in messages[1]["content"] and "<<" in shots[0]["solution"]
+    assert messages[-1]["content"].startswith(examples[0]["question"])
+    assert prefix == "Let's think step by step."
+    assert demo_answer("e2e", {"answer": ["ref one", "ref two"]}) == "ref one"
+    with pytest.raises(FusionlabError, match="n_shot=5"):
+        few_shot_examples("addsub", 5, path=None, exclude={e["id"] for e in load_examples("addsub")[:392]})

@@ -1,4 +1,4 @@
-"""The EVA eval callback inside a tiny Lightning fit: it runs at validation end and logs the task metric."""
+"""The EVA eval callback inside a tiny Lightning fit: it runs at validation end / checkpoints and logs the task metric."""
 from __future__ import annotations
 
 import math
@@ -39,7 +39,7 @@ def test_eva_eval_callback_in_a_fit(tmp_path):
     aux = {"tiny_aux": {"source": "random", "tokenizer": "smollm2_135m", "seed": 7, "config": TINY,
                         "use_chat_template": False}}
     cb = EvaEvalCallback(task="addsub", limit=2, aux=aux, align_method="exact", max_new_tokens=4,
-                         cache_dir=str(tmp_path / "align"), decoder={"topk": 20, "drop": 3})
+                         cache_dir=str(tmp_path / "align"), decoder={"topk": 20, "drop": 3}, trigger="validation")
     trainer = lightning.Trainer(max_epochs=1, accelerator="cpu", logger=CSVLogger(tmp_path), callbacks=[cb],
                                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1)
     module = TinyLM(m, t)
@@ -50,3 +50,27 @@ def test_eva_eval_callback_in_a_fit(tmp_path):
     assert len(list((tmp_path / "align").glob("*.safetensors"))) == 1  # the trained main's alignment, cached
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0]
     assert "eva_eval/accuracy" in header
+
+
+def test_eva_eval_callback_at_checkpoints_without_validation(tmp_path):
+    """The distillation trainer has no validation loop: the default trigger runs at each checkpoint save."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from fusionlab.models import load_model
+
+    m, t = load_model({"name": "main", "source": "random", "tokenizer": "smollm2_135m", "config": TINY})
+    m.train()
+    ids = torch.randint(5, 500, (4, 12), generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
+    aux = {"tiny_aux": {"source": "random", "tokenizer": "smollm2_135m", "seed": 7, "config": TINY,
+                        "use_chat_template": False}}
+    cb = EvaEvalCallback(task="addsub", limit=1, aux=aux, max_new_tokens=3, cache_dir=str(tmp_path / "align"),
+                         decoder={"topk": 20, "drop": 3})
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    trainer = lightning.Trainer(max_steps=2, accelerator="cpu", logger=CSVLogger(tmp_path), callbacks=[cb, ckpt],
+                                enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(TinyLM(m, t), loader)
+    stored = torch.load(next((tmp_path / "ckpt").glob("*.ckpt")), weights_only=False)["eva_eval"]
+    assert set(stored) == {"eva_eval/accuracy"} and 0.0 <= stored["eva_eval/accuracy"] <= 1.0
+    assert stored == cb.last_metrics

@@ -10,34 +10,9 @@ import torch
 from fusionlab.callbacks.merge import MergeCallback
 from fusionlab.errors import FusionlabError
 from fusionlab.models import load_model
+from tests.lightning_helpers import TINY_LLAMA as TINY, TinyLM, random_token_loader as loader
 
 from .conftest import load_dir
-
-TINY = {"name": "tiny", "source": "random", "tokenizer": "smollm2_135m", "seed": 0,
-        "config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2}}
-
-
-class TinyLM(lightning.LightningModule):
-    """A causal LM trained on random tokens; model at .model, tokenizer at .tokenizer (as FuseLightningModule)."""
-
-    def __init__(self):
-        super().__init__()
-        self.model, self.tokenizer = load_model(TINY)
-        self.model.train()
-
-    def training_step(self, batch, _):
-        (ids,) = batch
-        return self.model(input_ids=ids, labels=ids).loss
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-
-def loader(n: int = 8):
-    ids = torch.randint(5, 500, (n, 12), generator=torch.Generator().manual_seed(0))
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
-
 
 @pytest.fixture(scope="module")
 def chat_pair(tmp_path_factory):

@@ -10,37 +10,7 @@ import torch
 from fusionlab.callbacks.diff_erank import DiffERankCallback
 from fusionlab.errors import FusionlabError
 from fusionlab.models import load_model
-
-TINY = {"name": "tiny", "source": "random", "tokenizer": "smollm2_135m",
-        "config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                   "num_attention_heads": 4, "num_key_value_heads": 2}}
-
-
-class TinyLM(lightning.LightningModule):
-    """A causal LM trained on random tokens: enough to move the weights between validations."""
-
-    def __init__(self):
-        super().__init__()
-        self.model, self.tokenizer = load_model(TINY)
-        self.model.train()
-
-    def training_step(self, batch, _):
-        (ids,) = batch
-        return self.model(input_ids=ids, labels=ids).loss
-
-    def validation_step(self, batch, _):
-        (ids,) = batch
-        self.log("val_loss", self.model(input_ids=ids, labels=ids).loss)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
-
-
-def loader(seed: int, n: int = 4):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 500, (n, 12), generator=g)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
-
+from tests.lightning_helpers import TINY_LLAMA as TINY, TinyLM, random_token_loader as loader
 
 def test_callback_in_a_fit_validation_and_checkpoint_triggers(tmp_path):
     """One tiny fit, two callbacks: per-validation logging (cached twin) and per-checkpoint storage."""
@@ -64,7 +34,7 @@ def test_callback_in_a_fit_validation_and_checkpoint_triggers(tmp_path):
                                 callbacks=[cb, on_ckpt, ckpt], enable_progress_bar=False, enable_model_summary=False,
                                 num_sanity_val_steps=1)
     module = TinyLM()
-    trainer.fit(module, loader(0), loader(1))
+    trainer.fit(module, loader(0, n=4), loader(1, n=4))
 
     assert len(seen) == 2  # two epochs; the sanity check is skipped
     assert seen[0][1] == seen[1][1]  # the untrained twin was evaluated once
