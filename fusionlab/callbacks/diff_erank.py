@@ -13,10 +13,10 @@ from typing import Any, Sequence
 import lightning
 import torch
 
-from fusionlab.callbacks.base import EvalCallback
+from fusionlab.callbacks.base import EvalCallback, callback_texts
 
 from fusionlab.errors import FusionlabError
-from fusionlab.metrics.diff_erank import (DiffERankResult, DiffERankSettings, load_texts, model_entropies,
+from fusionlab.metrics.diff_erank import (DiffERankResult, DiffERankSettings, model_entropies,
                                           tokenize, untrained_twin)
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,7 @@ class DiffERankCallback(EvalCallback):
             layers=layers if isinstance(layers, (str, int)) else list(layers), batch_size=batch_size,
             max_length=max_length, average=average, seed=seed, limit=limit, text_field=text_field,
             texts=texts if isinstance(texts, str) or texts is None else None))
-        if texts is None or isinstance(texts, str):
-            self.texts = load_texts(texts, text_field, limit)
-        else:
-            self.texts = list(texts)[:limit] if limit else list(texts)
-            if not self.texts:
-                raise FusionlabError("DiffERankCallback got an empty list of texts; give it at least one text.")
+        self.texts = callback_texts(texts, text_field, limit, "DiffERankCallback")
         self.tokenizer = tokenizer
         self.model_attr = model_attr
         self.prefix = prefix

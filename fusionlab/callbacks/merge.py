@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import lightning
 import torch
 
-from fusionlab.callbacks.base import EvalCallback
+from fusionlab.callbacks.base import EvalCallback, callback_texts
 
 from fusionlab.errors import FusionlabError
 
@@ -64,7 +64,6 @@ class MergeCallback(EvalCallback):
                  limit: int | None = 8, max_length: int = 128, batch_size: int = 4, model_attr: str = "model",
                  trigger: str = "checkpoint", prefix: str = "merge"):
         from fusionlab.merge import get_method
-        from fusionlab.metrics.diff_erank import load_texts
 
         if mode not in MODES:
             raise FusionlabError(f"MergeCallback mode={mode!r}: use 'add' (chat vector) or 'merge' (a merge method).")
@@ -86,12 +85,7 @@ class MergeCallback(EvalCallback):
         self.ratio, self.skip_embed = float(ratio), bool(skip_embed)
         self.special_tokens_map = {int(k): int(v) for k, v in (special_tokens_map or {}).items()} or None
         self.dtype, self.dirpath, self.keep_last = dtype, dirpath, keep_last
-        if texts is None or isinstance(texts, str):
-            self.texts = load_texts(texts, text_field, limit)
-        else:
-            self.texts = list(texts)[:limit] if limit else list(texts)
-            if not self.texts:
-                raise FusionlabError("MergeCallback got an empty list of texts; give it at least one.")
+        self.texts = callback_texts(texts, text_field, limit, "MergeCallback")
         self.max_length, self.batch_size = int(max_length), int(batch_size)
         self.model_attr, self.prefix = model_attr, prefix
         self._base_dir: Path | None = None

@@ -82,3 +82,16 @@ def lightning_loggers(cfg: DictConfig, output_dir: Path) -> list:
             node.setdefault("name", f"{cfg.get('job')}-{output_dir.name}")
         loggers.append(instantiate(node))
     return loggers
+
+
+def task_inputs(cfg: DictConfig):
+    """(task definition, evaluated examples, few-shot demonstrations) from ``cfg.task``."""
+    from fusionlab.tasks import few_shot_examples, get_task, load_examples
+
+    t = cfg.task
+    task = get_task(t.name)
+    examples = load_examples(task.name, path=t.get("path"), limit=t.get("limit"), seed=t.get("seed", 0),
+                             shuffle=t.get("shuffle", False))
+    shots = few_shot_examples(task.name, t.get("n_shot", 0), seed=t.get("seed", 0), path=t.get("path"),
+                              exclude={ex["id"] for ex in examples})
+    return task, examples, shots

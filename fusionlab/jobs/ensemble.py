@@ -17,9 +17,9 @@ from fusionlab.ensemble import EvaDecoder
 from fusionlab.ensemble.config import EnsembleConfig
 from fusionlab.ensemble.decoder import eos_ids
 from fusionlab.io import write_jsonl
-from fusionlab.jobs._common import make_tracker, model_spec, to_dict
+from fusionlab.jobs._common import make_tracker, model_spec, task_inputs, to_dict
 from fusionlab.models import ModelSpec, cache_dir, load_model
-from fusionlab.tasks import extract_answer, few_shot_examples, get_task, load_examples, score, task_prompts, task_stops
+from fusionlab.tasks import extract_answer, score, task_prompts, task_stops
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     names = [main_spec.name] + [s.name for s in aux_specs]
     if len(set(names)) != len(names):
         names = [f"{n}_{i}" for i, n in enumerate(names)]
-    task = get_task(cfg.task.name)
-    examples = load_examples(task.name, path=cfg.task.get("path"), limit=cfg.task.get("limit"),
-                             seed=cfg.task.get("seed", 0), shuffle=cfg.task.get("shuffle", False))
-    shots = few_shot_examples(task.name, cfg.task.get("n_shot", 0), seed=cfg.task.get("seed", 0),
-                              path=cfg.task.get("path"), exclude={ex["id"] for ex in examples})
+    task, examples, shots = task_inputs(cfg)
     gen = cfg.generation
     max_new_tokens = gen.max_new_tokens or task.max_new_tokens
     method, params = alignment_options(cfg)

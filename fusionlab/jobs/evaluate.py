@@ -8,22 +8,17 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fusionlab.io import write_jsonl
-from fusionlab.jobs._common import make_tracker, model_spec
+from fusionlab.jobs._common import make_tracker, model_spec, task_inputs
 from fusionlab.models import load_model
 from fusionlab.models.generation import generate
-from fusionlab.tasks import (extract_answer, few_shot_examples, get_task, load_examples, score, task_prompts,
-                             task_stops)
+from fusionlab.tasks import extract_answer, score, task_prompts, task_stops
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     spec = model_spec(cfg.model)
-    task = get_task(cfg.task.name)
-    examples = load_examples(task.name, path=cfg.task.get("path"), limit=cfg.task.get("limit"),
-                             seed=cfg.task.get("seed", 0), shuffle=cfg.task.get("shuffle", False))
-    shots = few_shot_examples(task.name, cfg.task.get("n_shot", 0), seed=cfg.task.get("seed", 0),
-                              path=cfg.task.get("path"), exclude={ex["id"] for ex in examples})
+    task, examples, shots = task_inputs(cfg)
     gen = cfg.generation
     max_new_tokens = gen.max_new_tokens or task.max_new_tokens
     with make_tracker(cfg, output_dir) as tracker:
