@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from fusionlab.callbacks.base import EvalCallback
 from fusionlab.errors import FusionlabError
 from fusionlab.jobs._common import lightning_loggers, to_dict
 
@@ -175,6 +176,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     fit_s = time.perf_counter() - t0
     world = trainer.world_size
     cm = {k: float(v) for k, v in trainer.callback_metrics.items() if hasattr(v, "item") and v.numel() == 1}
+    for cb in callbacks:  # checkpoint-time evaluations (EVA eval, Diff-eRank, merge): their latest values
+        if isinstance(cb, EvalCallback):
+            cm.update({k: float(v) for k, v in cb.last_metrics.items() if isinstance(v, (int, float))})
     metrics.update({f"final/{k.replace('/', '_')}": round(v, 6) for k, v in cm.items()})
     metrics.update({"fit/steps": int(trainer.global_step), "fit/seconds": round(fit_s, 2),
                     "fit/tokens": int(module.tokens_seen) * world,

@@ -75,6 +75,25 @@ def test_distill_job_runs_and_resumes_from_last_checkpoint(compose, tmp_path):
     assert m2["time/representations_s"] < m1["time/representations_s"] + 30  # caches reused
 
 
+def test_checkpoint_callbacks_report_into_the_job_metrics(compose, tmp_path):
+    """EVA eval runs at each checkpoint of a fit without validation; its last value is a `final/` metric."""
+    from fusionlab.run import run
+
+    tiny_aux = ("{source: random, tokenizer: smollm2_135m, use_chat_template: false, config: {model_type: llama, "
+                "hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 4, "
+                "num_key_value_heads: 2}}")
+    cfg = compose(["+experiment=fusechat_pairwise", *TINY, f"distill.cache_dir={tmp_path / 'cache'}",
+                   "callbacks=[default,eva_eval]", "~callbacks.eva_eval.aux.gemma3_270m",
+                   f"+callbacks.eva_eval.aux.tiny={tiny_aux}", "callbacks.eva_eval.limit=1",
+                   "callbacks.eva_eval.max_new_tokens=3", f"+callbacks.eva_eval.cache_dir={tmp_path / 'align'}",
+                   "callbacks.model_checkpoint.every_n_train_steps=2", "trainer.max_steps=2",
+                   "trainer.enable_progress_bar=false"], tmp_path / "run")
+    metrics = run(cfg)
+    assert 0.0 <= metrics["final/eva_eval_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["final/eva_eval_accuracy"] == \
+        metrics["final/eva_eval_accuracy"]
+
+
 def test_ddp_fit_with_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
