@@ -136,7 +136,7 @@ class _Stream:
         if self.cache is None:
             self.cache = DynamicCache()
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         position_ids=pos.to(self.device), past_key_values=self.cache, use_cache=True,
+                         position_ids=pos.to(self.device), cache=self.cache, use_cache=True,
                          logits_to_keep=1)
         self.forward_tokens += n_new
         logits = out.logits[:, -1].float()
