@@ -13,7 +13,6 @@ import gc
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any

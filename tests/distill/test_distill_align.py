@@ -1,7 +1,6 @@
 """Token alignment, DTW, vocabulary mapping and distribution alignment against hand-made cases."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np

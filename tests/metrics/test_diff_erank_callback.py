@@ -9,8 +9,7 @@ import torch
 
 from fusionlab.callbacks.diff_erank import DiffERankCallback
 from fusionlab.errors import FusionlabError
-from fusionlab.models import load_model
-from tests.lightning_helpers import TINY_LLAMA as TINY, TinyLM, random_token_loader as loader
+from tests.lightning_helpers import TinyLM, random_token_loader as loader
 
 def test_callback_in_a_fit_validation_and_checkpoint_triggers(tmp_path):
     """One tiny fit, two callbacks: per-validation logging (cached twin) and per-checkpoint storage."""
