@@ -126,6 +126,7 @@ def run_one(tool: str, cfg_path: Path, out: Path, device: str, threads: int) -> 
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # neither tool pays for the other's (or the last run's) dirty pages being written back
     t = time.perf_counter()
     res = subprocess.run([sys.executable, __file__, "--worker", tool, str(cfg_path), str(out), "--device", device,
                           "--threads", str(threads)],

@@ -134,25 +134,33 @@ def add(cp: str, vectors: list[str], ratios: list[float] | float, output: str | 
     with atomic_dir(output, overwrite=overwrite) as tmp:
         entries = [(name, rp.shape[name], out_dtype) for name, _ in plan]
         w = StreamingShardWriter(tmp, entries, parse_size(shard_size), metadata={"fusionlab": "chat_vector_add"})
-        for name, stored in _bar(plan, "add chat vector", progress):
-            out = rp.get(name)
-            if not is_finite(out):
-                raise FusionlabError(f"Tensor {name!r} of the cp model contains NaN or inf.")
-            for cv, s, r in zip(cvs, stored, ratios):
-                out.add_(cv.get(s), alpha=r)
-            if smap and is_embedding(name):
-                rows = torch.zeros((len(smap), out.shape[1]), dtype=out.dtype)
-                for cv, r in zip(cvs, ratios):
-                    key = CHAT_ROWS + name
-                    if key not in cv.file_of:  # tied chat model: its lm_head rows are its embedding rows
-                        key = next(n for n in cv.names if n.startswith(CHAT_ROWS))
-                    chat_rows = cv.get(key)
-                    rows += r * chat_rows[list(smap.values())]
-                out[list(smap.keys())] = rows
-            if not is_finite(out):
-                raise FusionlabError(f"Adding the chat vector produced NaN or inf in tensor {name!r}.")
-            w.write(name, out.to(out_dtype))
-        w.finish()
+        try:
+            for name, stored in _bar(plan, "add chat vector", progress):
+                out = rp.get(name).clone()  # our own buffer: the mapped file pages are released below
+                if not is_finite(out):
+                    raise FusionlabError(f"Tensor {name!r} of the cp model contains NaN or inf.")
+                for cv, s, r in zip(cvs, stored, ratios):
+                    out.add_(cv.get(s), alpha=r)
+                if smap and is_embedding(name):
+                    rows = torch.zeros((len(smap), out.shape[1]), dtype=out.dtype)
+                    for cv, r in zip(cvs, ratios):
+                        key = CHAT_ROWS + name
+                        if key not in cv.file_of:  # tied chat model: its lm_head rows are its embedding rows
+                            key = next(n for n in cv.names if n.startswith(CHAT_ROWS))
+                        chat_rows = cv.get(key)
+                        rows += r * chat_rows[list(smap.values())]
+                    out[list(smap.keys())] = rows
+                if not is_finite(out):
+                    raise FusionlabError(f"Adding the chat vector produced NaN or inf in tensor {name!r}.")
+                w.write(name, out.to(out_dtype))
+                del out
+                rp.release(name)
+                for cv, s in zip(cvs, stored):
+                    if s:
+                        cv.release(s)
+            w.finish()
+        finally:
+            w.close()
         src = rp.dir if tokenizer_source == "cp" else cvs[-1].dir if tokenizer_source == "chat" else None
         if src is None:
             raise FusionlabError(f"tokenizer_source must be cp or chat, got {tokenizer_source!r}.")

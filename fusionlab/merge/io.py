@@ -1,20 +1,26 @@
 """Streaming safetensors IO: read one tensor at a time from (sharded) checkpoints, write shards.
 
-Memory stays at about one tensor per input model plus one output tensor: the reader ``pread``s
-one tensor at a time (no memory map), and :class:`StreamingShardWriter` writes every shard's header
-first (all shapes are known from the plan) and then each tensor's bytes as soon as it is computed.
+Memory stays at about one tensor per input model plus one output tensor. The reader maps each
+file copy-on-write and hands out tensors that ARE the mapped pages (no copy, no zero-filled
+buffer); :meth:`CheckpointReader.release` unmaps a tensor's pages once the engine is done with
+it, so a 10 GB checkpoint never sits in this process's RSS. :class:`StreamingShardWriter` writes
+every shard's header first (all shapes are known from the plan) and then each tensor's bytes,
+in a background thread, while the next tensor is being merged.
 """
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import shutil
 import struct
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -81,7 +87,7 @@ class CheckpointReader:
                 f"No *.safetensors files in {self.path} ({self.label}); merging needs safetensors checkpoints "
                 "(re-save with save_pretrained(..., safe_serialization=True))."
             )
-        self._files: dict[Path, Any] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
         self._data_start: dict[Path, int] = {}
         self.file_of: dict[str, Path] = {}
         self.shape: dict[str, tuple[int, ...]] = {}
@@ -97,6 +103,10 @@ class CheckpointReader:
                 self.shape[name] = tuple(info["shape"])
                 self.dtype[name] = info["dtype"]
                 self.offsets[name] = tuple(info["data_offsets"])
+            need = start + max((tuple(i["data_offsets"])[1] for i in header.values()), default=0)
+            if f.stat().st_size < need:
+                raise FusionlabError(f"{f} is truncated ({f.stat().st_size} bytes, its header needs {need}); "
+                                     "re-download or re-save that checkpoint.")
         cfg = self.dir / "config.json"
         self.config: dict[str, Any] = json.loads(cfg.read_text()) if cfg.exists() and self.path.is_dir() else {}
 
@@ -120,6 +130,12 @@ class CheckpointReader:
         return None
 
     def get(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """Tensor ``name`` (a tied lm_head gives the embedding), converted to ``dtype`` on ``device``.
+
+        An fp32 tensor read as fp32 on the CPU is backed by a private copy-on-write mapping of the
+        file: writing to it never changes the file, but another ``get`` of the same tensor sees
+        the writes until :meth:`release`.
+        """
         stored = self.resolve_name(name)
         if stored is None:
             raise FusionlabError(f"Tensor {name!r} is missing from {self.label} ({self.path}).")
@@ -130,8 +146,7 @@ class CheckpointReader:
 
 
     def _read(self, name: str) -> torch.Tensor:
-        """pread the tensor's bytes into its own buffer: no memory map, so reading a 10 GB checkpoint
-        leaves no mapped pages behind in this process's RSS (the page cache still serves re-reads)."""
+        """The tensor's bytes as a tensor backed by the (copy-on-write) file mapping: no copy."""
         path = self.file_of[name]
         begin, end = self.offsets[name]
         dtype = ST_DTYPES.get(self.dtype[name])
@@ -139,23 +154,41 @@ class CheckpointReader:
             raise FusionlabError(f"Tensor {name!r} in {path} has dtype {self.dtype[name]}, which fusionlab cannot read.")
         if end == begin:
             return torch.empty(self.shape[name], dtype=dtype)
-        f = self._files.get(path)
-        if f is None:
-            f = self._files[path] = open(path, "rb", buffering=0)
-        buf = torch.empty(end - begin, dtype=torch.uint8)  # uninitialised: no memset before the read
-        f.seek(self._data_start[path] + begin)
-        view, got = memoryview(buf.numpy()), 0
-        while got < len(view):
-            n = f.readinto(view[got:])
-            if not n:
-                raise FusionlabError(f"{path} is truncated (tensor {name!r}); re-download or re-save it.")
-            got += n
-        return buf.view(dtype).reshape(self.shape[name])
+        mm = self._maps.get(path)
+        if mm is None:
+            with open(path, "rb") as f:
+                mm = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        start = self._data_start[path] + begin
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if start % itemsize:  # misaligned for its dtype (possible after odd-sized tensors): copy it
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            buf.numpy()[:] = np.frombuffer(mm, dtype=np.uint8, count=end - begin, offset=start)
+            return buf.view(dtype).reshape(self.shape[name])
+        return torch.frombuffer(mm, dtype=dtype, count=(end - begin) // itemsize, offset=start).reshape(self.shape[name])
+
+    def release(self, name: str) -> None:
+        """Drop a tensor's mapped pages from this process (they stay in the OS page cache).
+
+        Only call this once nothing uses the tensor: a later read of it reads the file again.
+        """
+        stored = self.resolve_name(name)
+        path = self.file_of.get(stored) if stored else None
+        mm = self._maps.get(path) if path else None
+        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        begin, end = self.offsets[stored]
+        lo = -(-(self._data_start[path] + begin) // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside only
+        hi = (self._data_start[path] + end) // mmap.PAGESIZE * mmap.PAGESIZE
+        if hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
     def close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:  # a tensor still uses the mapping: it is unmapped when that tensor goes
+                pass
+        self._maps.clear()
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -227,7 +260,9 @@ class StreamingShardWriter:
 
     ``entries`` = [(name, shape, dtype)] in the order :meth:`write` will be called. Shards hold at most
     ``max_shard_bytes`` (one larger tensor gets a shard of its own). Files are safetensors: 8-byte
-    header length, JSON header padded to 8 bytes, then the tensors' bytes in order.
+    header length, JSON header padded to 8 bytes, then the tensors' bytes in order. The bytes are
+    written by one background thread (one write in flight), so disk time overlaps the next merge
+    step; :meth:`finish` waits for it and renames the shards, :meth:`close` stops it on failure.
     """
 
     def __init__(self, out_dir: str | os.PathLike, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
@@ -246,45 +281,70 @@ class StreamingShardWriter:
         self.order = [e[0] for shard in self.shards for e in shard]
         self.total_bytes = sum(e[3] for shard in self.shards for e in shard)
         self._next = 0  # index into self.order
-        self._shard, self._left, self._file = -1, 0, None
+        self._shard, self._left = -1, 0
+        self._file = None  # owned by the background thread
         self._paths: list[Path] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusionlab-writer")
+        self._pending: Future | None = None
 
-    def _open_next_shard(self) -> None:
-        self._shard += 1
-        entries = self.shards[self._shard]
+    def _header(self, shard: int) -> bytes:
         header: dict[str, Any] = {"__metadata__": self.metadata}
         offset = 0
-        for name, shape, dtype, nbytes in entries:
+        for name, shape, dtype, nbytes in self.shards[shard]:
             header[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        path = self.out_dir / f".shard-{self._shard:05d}.safetensors"
-        self._paths.append(path)
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(blob)) + blob)
-        self._left = len(entries)
+        return struct.pack("<Q", len(blob)) + blob
+
+    def _write_bytes(self, open_path: Path | None, header: bytes | None, t: torch.Tensor, last_in_shard: bool) -> None:
+        if open_path is not None:
+            self._file = open(open_path, "wb")
+            self._file.write(header)
+        if t.numel():
+            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        if last_in_shard:
+            self._file.close()
+            self._file = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self.order) or self.order[self._next] != name:
             expected = self.order[self._next] if self._next < len(self.order) else "nothing"
             raise RuntimeError(f"StreamingShardWriter: got {name!r}, expected {expected!r}")
+        open_path = header = None
         if self._left == 0:
-            self._open_next_shard()
+            self._shard += 1
+            self._left = len(self.shards[self._shard])
+            open_path = self.out_dir / f".shard-{self._shard:05d}.safetensors"
+            header = self._header(self._shard)
+            self._paths.append(open_path)
         _, shape, dtype, _ = self.shards[self._shard][len(self.shards[self._shard]) - self._left]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise RuntimeError(f"StreamingShardWriter: {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                                f"planned {shape} {dtype}")
         t = tensor.detach().to("cpu").contiguous()
-        if t.numel():
-            self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)
         self._next += 1
         self._left -= 1
-        if self._left == 0:
-            self._file.close()
-            self._file = None
+        self._wait()
+        self._pending = self._pool.submit(self._write_bytes, open_path, header, t, self._left == 0)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # re-raises a failed write (e.g. disk full) here
+
+    def close(self) -> None:
+        """Stop the background writer and close the open shard (after a failure; finish() calls it too)."""
+        try:
+            self._wait()
+        finally:
+            self._pool.shutdown(wait=True)
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def finish(self) -> list[Path]:
+        self.close()
         if self._next != len(self.order):
             raise RuntimeError(f"StreamingShardWriter: {len(self.order) - self._next} tensors were never written")
         n = len(self._paths)

@@ -5,14 +5,13 @@ tensors (fp32, same shape) and the resolved parameters, and returns the merged f
 Semantics and defaults follow mergekit 0.1.5 (``mergekit/merge_methods``), so a mergekit YAML
 gives the same numbers here; fusionlab-only options are marked as such.
 
-Speed: mergekit ranks magnitudes with a full ``argsort`` per delta. We find the cut with
-``kthvalue`` (O(n)) and only fall back to mergekit's exact sort call when equal magnitudes
-straddle the cut, where the choice among ties is whatever that sort returns. The kept set is
-therefore always the same as mergekit's (``tie_break: mergekit``, the default). torch's CPU sort is
-not stable (introsort): which of the tied entries it puts first depends on the whole array, so that
-choice cannot be made from the tied entries alone. ``tie_break: index`` (fusionlab only) keeps the
-O(n) path everywhere and breaks ties at the cut by position, as a STABLE sort would; it differs from
-mergekit only on entries whose magnitude equals the cut exactly.
+Speed: mergekit ranks magnitudes with a full ``argsort`` per delta (O(n log n) comparisons on
+(value, index) pairs). :mod:`fusionlab.merge.exact` finds the same kept set in O(n) by
+replaying only the partitions of torch's (unstable) sort that contain the cut, so equal
+magnitudes at the cut are kept or dropped exactly as in mergekit (``tie_break: mergekit``, the
+default). ``tie_break: index`` (fusionlab only) breaks those ties by position instead, as a stable
+sort would: the same on every platform, where mergekit's choice depends on the C++ library
+torch was built with.
 """
 from __future__ import annotations
 
@@ -22,89 +21,29 @@ from typing import Any, Callable
 import torch
 
 from fusionlab.errors import FusionlabError
+from fusionlab.merge.exact import population_variance, rank_range_mask, reference_prefix_mask
 
 REQUIRED = "__required__"  # default of a parameter with no default (mergekit: required)
+_COMBINE_CHUNK = 1 << 20  # entries per chunk of the sign election + weighted sum
 
 
-# --------------------------------------------------------------------------- selection helpers
-def _rank_range_mask(w: torch.Tensor, lo: int, hi: int, exact_indices: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Bool mask of the entries of 1-D ``w`` whose ascending rank lies in ``[lo, hi)``.
-
-    Fast path: two ``kthvalue`` cuts. If a cut splits a group of equal values the set is not
-    unique; then ``exact_indices()`` (the reference implementation's own sort) decides.
-    """
-    n = w.numel()
-    mask = torch.zeros(n, dtype=torch.bool, device=w.device)
-    if hi <= lo:
-        return mask
-    if lo <= 0 and hi >= n:
-        return mask.fill_(True)
-    lo_v = torch.kthvalue(w, lo + 1).values if lo > 0 else None
-    hi_v = torch.kthvalue(w, hi).values if hi < n else None
-    keep = torch.ones(n, dtype=torch.bool, device=w.device)
-    if lo_v is not None:
-        keep &= w >= lo_v
-    if hi_v is not None:
-        keep &= w <= hi_v
-    if int(keep.sum()) == hi - lo:
-        return keep
-    mask[exact_indices()] = True
-    return mask
+_NORMS = {"l1": lambda x: x.abs().sum(), "l2": lambda x: x.norm(), "linf": lambda x: x.abs().max()}
 
 
-def _stable_prefix_mask(w: torch.Tensor, m: int, descending: bool) -> torch.Tensor:
-    """Mask of the first ``m`` entries of a STABLE sort of 1-D ``w`` (ties in index order), in O(n)."""
-    n = w.numel()
-    if m <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=w.device)
-    if m >= n:
-        return torch.ones(n, dtype=torch.bool, device=w.device)
-    v = torch.kthvalue(w, n - m + 1 if descending else m).values
-    mask = w > v if descending else w < v
-    need = m - int(mask.sum())
-    if need > 0:
-        mask[torch.nonzero(w == v).reshape(-1)[:need]] = True
-    return mask
+def _rescale(delta: torch.Tensor, mask: torch.Tensor, norm: str | None, density: float, eps: float = 1e-7,
+             inplace: bool = False) -> torch.Tensor:
+    """Masked delta, rescaled so its norm matches the unmasked one (mergekit), or by 1/density (DARE paper).
 
-
-def rank_range_mask(w: torch.Tensor, lo: int, hi: int, exact_indices: Callable[[], torch.Tensor],
-                    tie_break: str = "mergekit", descending: bool = False) -> torch.Tensor:
-    """Entries of rank ``[lo, hi)`` (ascending, or ``descending``): ties as the reference sort, or by index."""
-    if tie_break == "index":
-        return _stable_prefix_mask(w, hi, descending) & ~_stable_prefix_mask(w, lo, descending)
-    if tie_break != "mergekit":
-        raise FusionlabError(f"Unknown tie_break {tie_break!r}; use mergekit (exact, default) or index (fast).")
-    n = w.numel()
-    if descending:
-        lo, hi = n - hi, n - lo
-    return _rank_range_mask(w, lo, hi, exact_indices)
-
-
-def topk_mask(w: torch.Tensor, k: int, reference: str = "argsort") -> torch.Tensor:
-    """Mask of the ``k`` largest entries of 1-D ``w`` (ties resolved like mergekit's ``reference``)."""
-    n = w.numel()
-    if reference == "argsort":
-        exact = lambda: torch.argsort(w, descending=True)[:k]  # noqa: E731  (mergekit: magnitude)
-    else:
-        exact = lambda: torch.topk(w, k=k, largest=True).indices  # noqa: E731  (mergekit: sce)
-    return _rank_range_mask(w, n - k, n, exact)
-
-
-def _rescale(delta: torch.Tensor, mask: torch.Tensor, norm: str | None, density: float, eps: float = 1e-7) -> torch.Tensor:
-    """Masked delta, rescaled so its norm matches the unmasked one (mergekit), or by 1/density (DARE paper)."""
-    masked = delta * mask
+    ``inplace``: mask ``delta`` itself (the engine's own temporaries; same values, no new buffer)."""
+    if norm not in (None, "inverse_density", *_NORMS):
+        raise FusionlabError(f"Unknown rescale_norm {norm!r}; use l1, l2, linf or inverse_density.")
+    before = _NORMS[norm](delta) if norm in _NORMS else None
+    masked = delta.mul_(mask) if inplace else delta * mask
     if norm is None:
         return masked
     if norm == "inverse_density":
         return masked / density
-    if norm == "l1":
-        before, after = delta.abs().sum(), masked.abs().sum()
-    elif norm == "l2":
-        before, after = delta.norm(), masked.norm()
-    elif norm == "linf":
-        before, after = delta.abs().max(), masked.abs().max()
-    else:
-        raise FusionlabError(f"Unknown rescale_norm {norm!r}; use l1, l2, linf or inverse_density.")
+    after = _NORMS[norm](masked)
     if before < eps or after < eps:
         return masked
     return masked * (before / after)
@@ -112,7 +51,7 @@ def _rescale(delta: torch.Tensor, mask: torch.Tensor, norm: str | None, density:
 
 # --------------------------------------------------------------------------- sparsification
 def magnitude(delta: torch.Tensor, density: float, rescale_norm: str | None = None,
-              tie_break: str = "mergekit") -> torch.Tensor:
+              tie_break: str = "mergekit", inplace: bool = False) -> torch.Tensor:
     """TIES: keep the top ``density`` fraction of entries by magnitude (at least one)."""
     if density >= 1:
         return delta
@@ -120,13 +59,12 @@ def magnitude(delta: torch.Tensor, density: float, rescale_norm: str | None = No
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
     w = delta.abs().reshape(-1).float()
-    mask = rank_range_mask(w, 0, k, lambda: torch.argsort(w, descending=True)[:k], tie_break,
-                           descending=True).reshape(delta.shape)
-    return _rescale(delta, mask, rescale_norm, density)
+    mask = rank_range_mask(w, 0, k, descending=True, tie_break=tie_break, overwrite=True).reshape(delta.shape)
+    return _rescale(delta, mask, rescale_norm, density, inplace=inplace)
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
-                       rescale_norm: str | None = None, tie_break: str = "mergekit") -> torch.Tensor:
+                       rescale_norm: str | None = None, tie_break: str = "mergekit", inplace: bool = False) -> torch.Tensor:
     """Breadcrumbs: drop the largest ``gamma`` fraction, then the smallest, keeping ``density``."""
     if density >= 1:
         return delta
@@ -135,19 +73,18 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float = 0.01,
     n_top = int(gamma * n)
     n_bot = max(0, n - target_n - n_top)
     w = delta.abs().reshape(-1).float()
-    mask = rank_range_mask(w, n_bot, n_bot + target_n,
-                           lambda: torch.sort(w, descending=False).indices[n_bot:n_bot + target_n], tie_break)
-    return _rescale(delta, mask.reshape(delta.shape), rescale_norm, density)
+    mask = rank_range_mask(w, n_bot, n_bot + target_n, descending=False, tie_break=tie_break, overwrite=True)
+    return _rescale(delta, mask.reshape(delta.shape), rescale_norm, density, inplace=inplace)
 
 
 def bernoulli(delta: torch.Tensor, density: float, rescale_norm: str | None = "l1",
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, inplace: bool = False) -> torch.Tensor:
     """DARE: keep each entry with probability ``density``."""
     if density >= 1:
         return delta
     probs = torch.full_like(delta, density, dtype=torch.float32)
     mask = torch.bernoulli(probs, generator=generator).to(delta.dtype)
-    return _rescale(delta, mask, rescale_norm, density)
+    return _rescale(delta, mask, rescale_norm, density, inplace=inplace)
 
 
 def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale_norm: str | None = "l1",
@@ -200,7 +137,7 @@ def _task_arithmetic_family(base, tensors, *, weight, density, sparsify=None, co
     if not consensus:  # no sign election: accumulate in place, never stacking N deltas (same sums, same order)
         mixed = None
         for i, t in enumerate(tensors):
-            d = _sparsify(t - base, i, sparsify, density, gamma, epsilon, norm, generator, tie_break)
+            d = _sparsify(t - base, i, sparsify, density, gamma, epsilon, norm, generator, tie_break)  # owns t - base
             d.mul_(weight[i])
             mixed = d if mixed is None else mixed.add_(d)
         divisor = torch.tensor(weight, dtype=base.dtype, device=base.device).sum()
@@ -211,27 +148,36 @@ def _task_arithmetic_family(base, tensors, *, weight, density, sparsify=None, co
         return base + mixed
     deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
     for i, t in enumerate(tensors):
-        deltas[i] = _sparsify(t - base, i, sparsify, density, gamma, epsilon, norm, generator, tie_break)
-    w = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device).reshape(-1, *([1] * base.dim()))
-    deltas.mul_(w)
-    mask = sign_consensus(deltas, consensus)
-    mixed = (deltas * mask).sum(dim=0)
-    divisor = (w * mask).sum(dim=0)
-    divisor[divisor == 0] = 1
-    if normalize:
-        mixed /= divisor
-    if lambda_ != 1:
-        mixed *= lambda_
-    return base + mixed
+        d = torch.sub(t, base, out=deltas[i])
+        kept = _sparsify(d, i, sparsify, density, gamma, epsilon, norm, generator, tie_break)
+        if kept is not d:
+            d.copy_(kept)
+    w = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device).reshape(-1, 1)
+    flat, base_flat = deltas.reshape(len(tensors), -1), base.reshape(-1)
+    flat.mul_(w)
+    out = torch.empty_like(base_flat)
+    for start in range(0, flat.shape[1], _COMBINE_CHUNK):  # every step is per entry: chunks keep temporaries small
+        d = flat[:, start:start + _COMBINE_CHUNK]
+        mask = sign_consensus(d, consensus)
+        mixed = (d * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+        if normalize:
+            mixed /= divisor
+        if lambda_ != 1:
+            mixed *= lambda_
+        torch.add(base_flat[start:start + _COMBINE_CHUNK], mixed, out=out[start:start + _COMBINE_CHUNK])
+    return out.reshape(base.shape)
 
 
 def _sparsify(d, i, sparsify, density, gamma, epsilon, norm, generator, tie_break="mergekit"):
+    """Sparsify the engine's own delta ``d`` (masked in place where the method allows)."""
     if sparsify == "magnitude":
-        return magnitude(d, density[i], norm, tie_break)
+        return magnitude(d, density[i], norm, tie_break, inplace=True)
     if sparsify == "random":
-        return bernoulli(d, density[i], norm, generator)
+        return bernoulli(d, density[i], norm, generator, inplace=True)
     if sparsify == "magnitude_outliers":
-        return magnitude_outliers(d, density[i], gamma[i], norm, tie_break)
+        return magnitude_outliers(d, density[i], gamma[i], norm, tie_break, inplace=True)
     if sparsify == "della":
         return della_magprune(d, density[i], epsilon[i], norm, generator)
     return d
@@ -336,11 +282,12 @@ def sce_select_mask(tvs: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(tvs[0])
     if density >= 1:
         return torch.ones_like(tvs[0])
-    var = torch.var(tvs, dim=0, unbiased=False)
+    var = population_variance(tvs)  # = torch.var(tvs, dim=0, unbiased=False), bit for bit
     k = int(int(torch.count_nonzero(var)) * density)
     if k == 0:
         return torch.zeros_like(var)
-    return topk_mask(var.abs().reshape(-1), k, "topk").reshape(var.shape).to(var.dtype)
+    return reference_prefix_mask(var.abs().reshape(-1), k, descending=True, kind="topk",
+                                 overwrite=True).reshape(var.shape).to(var.dtype)
 
 
 def varm(base, tensors):

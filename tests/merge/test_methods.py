@@ -146,16 +146,6 @@ def test_random_methods_density_one_deterministic_and_seeded(name):
     assert not torch.equal(run(name, base, ms, per_model=pm, seed=1), run(name, base, ms, per_model=pm, seed=2))
 
 
-def test_topk_mask_matches_sort_with_and_without_ties():
-    for w in (rand(1000).abs(), torch.randint(0, 7, (1000,)).float()):
-        for k in (1, 10, 333, 999):
-            m = M.topk_mask(w, k)
-            assert int(m.sum()) == k
-            exact = torch.zeros(1000, dtype=torch.bool)
-            exact[torch.argsort(w, descending=True)[:k]] = True
-            assert torch.equal(m, exact)  # fast path or fallback: mergekit's set
-
-
 def test_every_method_has_a_yaml_with_its_defaults():
     from pathlib import Path
 
