@@ -260,20 +260,27 @@ def sce(base, tensors, *, select_topk: float = 1.0, variant: str = "code", int8_
     variant="code" (default, = released code and mergekit): Φ = θ + Σ ηⱼ keepⱼ δⱼ / Σ ηⱼ keepⱼ.
     variant="paper" (eq. 9): Φ = θ + Σ ηⱼ keepⱼ δⱼ, no divisor.
     """
-    tvs = torch.stack([t - base for t in tensors])
+    n = len(tensors)
+    tvs = torch.empty((n, *base.shape), dtype=base.dtype, device=base.device)
+    for i, t in enumerate(tensors):
+        torch.sub(t, base, out=tvs[i])
     if select_topk < 1:
-        tvs = tvs * sce_select_mask(tvs, select_topk).unsqueeze(0)
-    erase = sign_consensus(tvs, "sum")
-    eta = tvs.square().reshape(len(tensors), -1).mean(dim=1)
+        tvs.mul_(sce_select_mask(tvs, select_topk).unsqueeze(0))
+    eta = tvs.square().reshape(n, -1).mean(dim=1)
     total = float(eta.sum())
-    eta = torch.ones_like(eta) / len(tensors) if abs(total) < 1e-6 else eta / total
-    eta = eta.reshape(-1, *([1] * base.dim())) * erase
-    merged = (tvs * eta).sum(dim=0)
-    if variant == "code":
-        merged = merged / eta.sum(dim=0).clamp(min=1e-6)
-    elif variant != "paper":
+    eta = (torch.ones_like(eta) / n if abs(total) < 1e-6 else eta / total).reshape(n, 1)
+    if variant not in ("code", "paper"):
         raise FusionlabError(f"Unknown sce variant {variant!r}; use code (released code, default) or paper (eq. 9).")
-    return base + merged
+    flat, base_flat = tvs.reshape(n, -1), base.reshape(-1)
+    out = torch.empty_like(base_flat)
+    for start in range(0, flat.shape[1], _COMBINE_CHUNK):  # per entry from here on: chunks keep temporaries small
+        d = flat[:, start:start + _COMBINE_CHUNK]
+        weights = eta * sign_consensus(d, "sum")
+        merged = (d * weights).sum(dim=0)
+        if variant == "code":
+            merged = merged / weights.sum(dim=0).clamp(min=1e-6)
+        torch.add(base_flat[start:start + _COMBINE_CHUNK], merged, out=out[start:start + _COMBINE_CHUNK])
+    return out.reshape(base.shape)
 
 
 def sce_select_mask(tvs: torch.Tensor, density: float) -> torch.Tensor:
