@@ -9,6 +9,7 @@ in a background thread, while the next tensor is being merged.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -284,6 +285,7 @@ class StreamingShardWriter:
         self._shard, self._left = -1, 0
         self._file = None  # owned by the background thread
         self._paths: list[Path] = []
+        self._paths_opened: list[Path] = []  # by the background thread
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusionlab-writer")
         self._pending: Future | None = None
 
@@ -300,6 +302,14 @@ class StreamingShardWriter:
     def _write_bytes(self, open_path: Path | None, header: bytes | None, t: torch.Tensor, last_in_shard: bool) -> None:
         if open_path is not None:
             self._file = open(open_path, "wb")
+            size = len(header) + sum(e[3] for e in self.shards[len(self._paths_opened)])
+            self._paths_opened.append(open_path)
+            if hasattr(os, "posix_fallocate"):
+                try:  # reserve the whole shard once (fewer, larger extents; disk full fails here, early)
+                    os.posix_fallocate(self._file.fileno(), 0, size)
+                except OSError as e:
+                    if e.errno == errno.ENOSPC:
+                        raise FusionlabError(f"No space left for {open_path.name} ({size} bytes) in {self.out_dir}.") from e
             self._file.write(header)
         if t.numel():
             self._file.write(t.reshape(-1).view(torch.uint8).numpy().data)

@@ -174,3 +174,44 @@ def test_cuda_merge_matches_cpu(tmp_path, family, method):
     a, b = load_dir(tmp_path / "cpu"), load_dir(tmp_path / "cuda")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_truncated_checkpoint_is_a_clear_error_and_writes_nothing(tmp_path, family):
+    bad = write_model(tmp_path / "cut", tiny_state(1))
+    f = bad / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    out = tmp_path / "out"
+    with pytest.raises(FusionlabError, match="truncated"):
+        merge(cfg(out, "task_arithmetic", base=str(family["base"]), models=[str(bad)], parameters={"weight": 1.0}))
+    assert not out.exists()
+
+
+def test_mapped_reads_release_and_copy_on_write(tmp_path):
+    """Reads are zero-copy views of the file; writes never reach the file; release() drops the pages."""
+    sd = {"a.weight": torch.randn(3, 5), "b.weight": torch.randn(256, 1024), "c.bias": torch.randn(7)}
+    src = write_model(tmp_path / "m", sd)
+    before = (src / "model.safetensors").read_bytes()
+    r = CheckpointReader(src)
+    name = "b.weight"  # spans whole pages
+    t = r.get(name)
+    assert torch.equal(t, sd[name])
+    t.add_(1.0)  # private mapping: this process only
+    assert torch.equal(r.get(name), sd[name] + 1.0)  # another get sees it until release
+    del t
+    r.release(name)  # whole pages only (the two edge pages may be shared with other tensors)
+    again = r.get(name)
+    assert torch.equal(again[2:-2], sd[name][2:-2]) and not torch.equal(again, sd[name] + 1.0)
+    assert (src / "model.safetensors").read_bytes() == before
+    r.close()
+
+
+def test_a_failing_merge_stops_its_threads(tmp_path, family):
+    import threading
+
+    sd = tiny_state(2)
+    sd[sorted(sd)[-1]].view(-1)[0] = float("nan")
+    bad = write_model(tmp_path / "nan", sd)
+    with pytest.raises(FusionlabError, match="NaN"):
+        merge(cfg(tmp_path / "out", "task_arithmetic", base=str(family["base"]), models=[str(bad)],
+                  parameters={"weight": 1.0}))
+    assert not [t for t in threading.enumerate() if t.name.startswith(("fusionlab-reader", "fusionlab-writer"))]
