@@ -237,7 +237,8 @@ def _welford_variance(x: np.ndarray) -> np.ndarray:
             np.multiply(dv, tv, out=tv)
             np.add(m2v, tv, out=m2v)  # m2 += delta * (x - new mean)
         np.divide(m2v, count, out=m2v)
-        out[start:stop] = m2v
+        with np.errstate(over="ignore"):  # beyond float32 range: inf, as torch's cast gives
+            out[start:stop] = m2v
     return out
 
 
