@@ -75,6 +75,9 @@ def extract(base: str, chat: str, output: str | Path, skip_embed: bool = False, 
                 if not is_finite(t):
                     raise FusionlabError(f"Tensor {name!r} of the {who} model contains NaN or inf.")
             w.add(name, (c - b).to(out_dtype))
+            del c, b
+            rc.release(name)  # mapped pages out of this process once used
+            rb.release(name)
         for name in rc.names:  # the chat model's own rows, for special_tokens_map
             if is_embedding(name):
                 w.add(CHAT_ROWS + name, rc.get(name).to(out_dtype))
