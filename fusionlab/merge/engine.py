@@ -283,7 +283,7 @@ def _merge(cfg: MergeConfig) -> dict[str, Any]:
                 inp.reader.close()
         dtype_name = str(out_dtype).removeprefix("torch.")
         copy_aux_files(p["tokenizer_dir"], tmp, {"dtype": dtype_name})
-        record = asdict(cfg) | {"inputs": [i.label for i in ([base] if base else []) + others]}
+        record = asdict(cfg) | {"inputs": [i.label for i in inputs]}
         (tmp / "fusionlab_merge.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return {"merge_tensors": len(p["tensors"]), "merge_bytes": writer.total_bytes,
             "merge_seconds": round(time.perf_counter() - start, 3), "merge_output": str(cfg.output)}

@@ -23,6 +23,7 @@ differ (another C++ standard library, a torch that changed its kernels) torch's 
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -35,8 +36,6 @@ log = logging.getLogger(__name__)
 _SORT_THRESHOLD = 16  # libstdc++ _S_threshold: std::sort stops partitioning at 16 elements
 _SELECT_THRESHOLD = 3  # std::nth_element stops at 3
 _REPLAY_MIN_SIZE = 4096  # below this torch's own sort is faster than the Python-driven replay
-_replay_matches_torch: bool | None = None
-_variance_matches_torch: bool | None = None
 _CHUNK = 1 << 16  # elements per chunk of the float64 Welford passes (fits in L2)
 
 
@@ -149,13 +148,13 @@ def _self_check() -> bool:
     return True
 
 
+@functools.cache
 def replay_available() -> bool:
-    global _replay_matches_torch
-    if _replay_matches_torch is None:
-        _replay_matches_torch = _self_check()
-        if not _replay_matches_torch:
-            log.warning("torch's CPU sort is not libstdc++'s here; exact tie selection uses torch.sort (slower).")
-    return _replay_matches_torch
+    """Checked once per process."""
+    ok = _self_check()
+    if not ok:
+        log.warning("torch's CPU sort is not libstdc++'s here; exact tie selection uses torch.sort (slower).")
+    return ok
 
 
 def reference_prefix_mask(w: torch.Tensor, k: int, descending: bool = True, kind: str = "sort",
@@ -242,27 +241,24 @@ def _welford_variance(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def _variance_check() -> bool:
+@functools.cache
+def _variance_available() -> bool:
+    """Does the float64 Welford give torch.var's bits on this build? (checked once per process)"""
     g = torch.Generator().manual_seed(0)
     for count, n, scale in ((2, 3000, 1.0), (3, 70_001, 1e-3), (5, 1000, 1e4)):
         x = torch.randn(count, n, generator=g) * scale
         x[:, :100] = torch.randint(-3, 4, (count, 100), generator=g).float()  # exact ties, zero variance
         want = torch.var(x, dim=0, unbiased=False)
         if not torch.equal(torch.from_numpy(_welford_variance(x.numpy())), want):
+            log.warning("torch.var does not match fusionlab's float64 Welford here; using torch.var (slower).")
             return False
     return True
 
 
 def population_variance(x: torch.Tensor) -> torch.Tensor:
     """``torch.var(x, dim=0, unbiased=False)``, bit for bit, faster on CPU float32."""
-    global _variance_matches_torch
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2 or x.shape[0] < 2:
-        return torch.var(x, dim=0, unbiased=False)
-    if _variance_matches_torch is None:
-        _variance_matches_torch = _variance_check()
-        if not _variance_matches_torch:
-            log.warning("torch.var does not match fusionlab's float64 Welford here; using torch.var (slower).")
-    if not _variance_matches_torch:
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() < 2 or x.shape[0] < 2
+            or not _variance_available()):
         return torch.var(x, dim=0, unbiased=False)
     flat = x.detach().reshape(x.shape[0], -1).contiguous().numpy()
     return torch.from_numpy(_welford_variance(flat)).reshape(x.shape[1:])

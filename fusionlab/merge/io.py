@@ -160,7 +160,7 @@ class CheckpointReader:
             with open(path, "rb") as f:
                 mm = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         start = self._data_start[path] + begin
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if start % itemsize:  # misaligned for its dtype (possible after odd-sized tensors): copy it
             buf = torch.empty(end - begin, dtype=torch.uint8)
             buf.numpy()[:] = np.frombuffer(mm, dtype=np.uint8, count=end - begin, offset=start)
@@ -273,7 +273,7 @@ class StreamingShardWriter:
         self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
         size = 0
         for name, shape, dtype in entries:
-            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = math.prod(shape) * dtype.itemsize
             if self.shards[-1] and size + nbytes > max_shard_bytes:
                 self.shards.append([])
                 size = 0
@@ -285,7 +285,6 @@ class StreamingShardWriter:
         self._shard, self._left = -1, 0
         self._file = None  # owned by the background thread
         self._paths: list[Path] = []
-        self._paths_opened: list[Path] = []  # by the background thread
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fusionlab-writer")
         self._pending: Future | None = None
 
@@ -299,11 +298,9 @@ class StreamingShardWriter:
         blob += b" " * (-len(blob) % 8)
         return struct.pack("<Q", len(blob)) + blob
 
-    def _write_bytes(self, open_path: Path | None, header: bytes | None, t: torch.Tensor, last_in_shard: bool) -> None:
+    def _write_bytes(self, open_path: Path | None, header: bytes, size: int, t: torch.Tensor, last_in_shard: bool) -> None:
         if open_path is not None:
             self._file = open(open_path, "wb")
-            size = len(header) + sum(e[3] for e in self.shards[len(self._paths_opened)])
-            self._paths_opened.append(open_path)
             if hasattr(os, "posix_fallocate"):
                 try:  # reserve the whole shard once (fewer, larger extents; disk full fails here, early)
                     os.posix_fallocate(self._file.fileno(), 0, size)
@@ -321,12 +318,13 @@ class StreamingShardWriter:
         if self._next >= len(self.order) or self.order[self._next] != name:
             expected = self.order[self._next] if self._next < len(self.order) else "nothing"
             raise RuntimeError(f"StreamingShardWriter: got {name!r}, expected {expected!r}")
-        open_path = header = None
+        open_path, header, size = None, b"", 0
         if self._left == 0:
             self._shard += 1
             self._left = len(self.shards[self._shard])
             open_path = self.out_dir / f".shard-{self._shard:05d}.safetensors"
             header = self._header(self._shard)
+            size = len(header) + sum(e[3] for e in self.shards[self._shard])
             self._paths.append(open_path)
         _, shape, dtype, _ = self.shards[self._shard][len(self.shards[self._shard]) - self._left]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
@@ -336,7 +334,7 @@ class StreamingShardWriter:
         self._next += 1
         self._left -= 1
         self._wait()
-        self._pending = self._pool.submit(self._write_bytes, open_path, header, t, self._left == 0)
+        self._pending = self._pool.submit(self._write_bytes, open_path, header, size, t, self._left == 0)
 
     def _wait(self) -> None:
         if self._pending is not None:

@@ -153,11 +153,9 @@ def _task_arithmetic_family(base, tensors, *, weight, density, sparsify=None, co
         if kept is not d:
             d.copy_(kept)
     w = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device).reshape(-1, 1)
-    flat, base_flat = deltas.reshape(len(tensors), -1), base.reshape(-1)
-    flat.mul_(w)
-    out = torch.empty_like(base_flat)
-    for start in range(0, flat.shape[1], _COMBINE_CHUNK):  # every step is per entry: chunks keep temporaries small
-        d = flat[:, start:start + _COMBINE_CHUNK]
+    deltas.view(len(tensors), -1).mul_(w)
+
+    def elect_and_sum(d: torch.Tensor) -> torch.Tensor:
         mask = sign_consensus(d, consensus)
         mixed = (d * mask).sum(dim=0)
         divisor = (w * mask).sum(dim=0)
@@ -166,7 +164,19 @@ def _task_arithmetic_family(base, tensors, *, weight, density, sparsify=None, co
             mixed /= divisor
         if lambda_ != 1:
             mixed *= lambda_
-        torch.add(base_flat[start:start + _COMBINE_CHUNK], mixed, out=out[start:start + _COMBINE_CHUNK])
+        return mixed
+
+    return _add_per_entry(base, deltas, elect_and_sum)
+
+
+def _add_per_entry(base: torch.Tensor, deltas: torch.Tensor, combine: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``base + combine(deltas)`` where ``combine`` maps (N, m) deltas to m values entry by entry:
+    run over chunks of entries, so its temporaries stay small (same numbers as one call)."""
+    flat, base_flat = deltas.reshape(len(deltas), -1), base.reshape(-1)
+    out = torch.empty_like(base_flat)
+    for start in range(0, flat.shape[1], _COMBINE_CHUNK):
+        chunk = slice(start, start + _COMBINE_CHUNK)
+        torch.add(base_flat[chunk], combine(flat[:, chunk]), out=out[chunk])
     return out.reshape(base.shape)
 
 
@@ -271,16 +281,13 @@ def sce(base, tensors, *, select_topk: float = 1.0, variant: str = "code", int8_
     eta = (torch.ones_like(eta) / n if abs(total) < 1e-6 else eta / total).reshape(n, 1)
     if variant not in ("code", "paper"):
         raise FusionlabError(f"Unknown sce variant {variant!r}; use code (released code, default) or paper (eq. 9).")
-    flat, base_flat = tvs.reshape(n, -1), base.reshape(-1)
-    out = torch.empty_like(base_flat)
-    for start in range(0, flat.shape[1], _COMBINE_CHUNK):  # per entry from here on: chunks keep temporaries small
-        d = flat[:, start:start + _COMBINE_CHUNK]
+
+    def erase_and_average(d: torch.Tensor) -> torch.Tensor:
         weights = eta * sign_consensus(d, "sum")
         merged = (d * weights).sum(dim=0)
-        if variant == "code":
-            merged = merged / weights.sum(dim=0).clamp(min=1e-6)
-        torch.add(base_flat[start:start + _COMBINE_CHUNK], merged, out=out[start:start + _COMBINE_CHUNK])
-    return out.reshape(base.shape)
+        return merged / weights.sum(dim=0).clamp(min=1e-6) if variant == "code" else merged
+
+    return _add_per_entry(base, tvs, erase_and_average)
 
 
 def sce_select_mask(tvs: torch.Tensor, density: float) -> torch.Tensor:
