@@ -11,7 +11,18 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from fusionlab.errors import FusionlabError
+
 log = logging.getLogger(__name__)
+
+
+def wandb_mode(mode: str | None) -> str:
+    """``null`` means offline unless the user has an API key; never touches WANDB_MODE globally."""
+    if mode is None:
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if mode not in ("online", "offline", "disabled"):
+        raise FusionlabError(f"logger.wandb.mode={mode!r}; use online, offline or disabled.")
+    return mode
 
 
 class Tracker:
@@ -29,9 +40,7 @@ class Tracker:
         if use_wandb:
             import wandb
 
-            if mode is None:  # offline unless the user has a key
-                mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-            self.run = wandb.init(project=project, dir=str(self.output_dir), mode=mode, group=group,
+            self.run = wandb.init(project=project, dir=str(self.output_dir), mode=wandb_mode(mode), group=group,
                                   name=name, tags=list(tags), job_type=job_type, config=config or {},
                                   reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
 

@@ -79,7 +79,7 @@ def main():
     start = time.perf_counter()
     al = align(*members[1], *members[0], "vecmap_csls", cache_dir=cache_dir() / "align",
                aux_vocab_cutoff=args.aux_vocab_cutoff or None,
-               aux_eos_ids=sorted(eos_ids(*members[1])), main_eos_id=members[0][1].eos_token_id, rebuild=False)
+               aux_eos_ids=sorted(eos_ids(*members[1])), rebuild=False)
     res = _Printing()
     res["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     res.update({"align_s_this_run": round(time.perf_counter() - start, 2), "align_build_s": al.stats.get("build_s"),

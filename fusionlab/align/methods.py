@@ -112,11 +112,9 @@ def mined(aux_model, aux_tok, main_model, main_tok, *, seed_mode: str = "normali
 ALIGN_METHODS: dict[str, Callable[..., Alignment]] = {"vecmap_csls": vecmap_csls, "exact": exact, "mined": mined}
 
 
-def _map_specials(alignment: Alignment, aux_tok, main_tok, aux_eos_ids=(), main_eos_id: int | None = None) -> int:
+def _map_specials(alignment: Alignment, aux_tok, main_tok, aux_eos_ids=()) -> int:
     """Point each aux control token at the main token playing the same role (bos->bos, eos->eos...)."""
     a_roles, m_roles = special_roles(aux_tok), special_roles(main_tok)
-    if main_eos_id is not None:
-        m_roles["eos"] = int(main_eos_id)
     pairs: dict[int, int] = {}
     used: set[int] = set()
     for role in ("eos", *[r for r in ROLES if r != "eos"]):
@@ -138,7 +136,7 @@ def _map_specials(alignment: Alignment, aux_tok, main_tok, aux_eos_ids=(), main_
 
 
 def align(aux_model, aux_tok, main_model, main_tok, method: str = "vecmap_csls", *, normalize_rows: bool = False,
-          cache_dir: str | Path | None = None, rebuild: bool = False, aux_eos_ids=(), main_eos_id: int | None = None,
+          cache_dir: str | Path | None = None, rebuild: bool = False, aux_eos_ids=(),
           **params: Any) -> Alignment:
     """Build (or load from ``cache_dir``) the projection of ``aux`` onto ``main``'s vocabulary.
 
@@ -155,15 +153,14 @@ def align(aux_model, aux_tok, main_model, main_tok, method: str = "vecmap_csls",
                              f"valid options are {sorted(known | {'normalize_rows', 'cache_dir', 'rebuild'})}.")
     n_aux, n_main = _vocab_sizes(aux_model, main_model)
     key_params = {**{k: v for k, v in params.items() if k not in ("progress", "block", "device")},
-                  "normalize_rows": normalize_rows, "aux_eos_ids": sorted(int(i) for i in aux_eos_ids),
-                  "main_eos_id": main_eos_id}
+                  "normalize_rows": normalize_rows, "aux_eos_ids": sorted(int(i) for i in aux_eos_ids)}
     key = cache_key(method, key_params, tokenizer_hash(aux_tok), tokenizer_hash(main_tok),
                     embeddings_hash(aux_model), embeddings_hash(main_model))
 
     def build() -> Alignment:
         start = time.perf_counter()
         result = ALIGN_METHODS[method](aux_model, aux_tok, main_model, main_tok, **params)
-        n_special = _map_specials(result, aux_tok, main_tok, aux_eos_ids, main_eos_id)
+        n_special = _map_specials(result, aux_tok, main_tok, aux_eos_ids)
         if normalize_rows:
             result = result.normalized()
         mapped = (result.cols >= 0).any(dim=1)

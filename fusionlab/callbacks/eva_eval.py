@@ -10,10 +10,8 @@ from typing import Any
 
 import torch
 
-from fusionlab.align import align
 from fusionlab.callbacks.base import EvalCallback
-from fusionlab.ensemble import EvaDecoder
-from fusionlab.ensemble.decoder import eos_ids
+from fusionlab.ensemble import EvaDecoder, align_members
 from fusionlab.models import ModelSpec, cache_dir, load_model
 from fusionlab.tasks import load_examples, score, task_prompts
 
@@ -55,15 +53,16 @@ class EvaEvalCallback(EvalCallback):
         was_training = model.training
         model.eval()
         try:
-            if self._aux is None:
+            if self._aux is None:  # fixed for the whole fit: aux models, examples, aux prompts
                 self._aux = [load_model(ModelSpec.from_dict({"name": n, **s})) for n, s in self.aux_specs.items()]
+                self._examples = load_examples(self.task, limit=self.limit)
+                self._aux_prompts = [task_prompts(self.task, self._examples, t, s.get("use_chat_template", True))
+                                     for (_, t), s in zip(self._aux, self.aux_specs.values())]
             # the main model changes while training: its alignment key (lm_head hash) changes too
-            alignments = [align(m, t, model, tok, self.align_method, cache_dir=self.cache_dir or cache_dir() / "align",
-                                aux_eos_ids=sorted(eos_ids(m, t)), **self.align_params) for m, t in self._aux]
-            examples = load_examples(self.task, limit=self.limit)
-            formats = [(tok, self.main_use_chat_template)] + [
-                (t, s.get("use_chat_template", True)) for (_, t), s in zip(self._aux, self.aux_specs.values())]
-            prompts = [task_prompts(self.task, examples, t, chat) for t, chat in formats]
+            alignments = align_members((model, tok), self._aux, self.align_method, self.align_params,
+                                       self.cache_dir or cache_dir() / "align")
+            examples = self._examples
+            prompts = [task_prompts(self.task, examples, tok, self.main_use_chat_template)] + self._aux_prompts
             out = EvaDecoder((model, tok), self._aux, alignments, **self.decoder_kwargs).generate(
                 prompts, max_new_tokens=self.max_new_tokens)
             scores, _ = score(self.task, out.texts, examples)

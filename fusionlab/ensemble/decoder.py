@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from fusionlab.align.alignment import Alignment
+from fusionlab.align.alignment import Alignment, output_embeddings
 from fusionlab.align.vocab import token_bytes, tokenizer_hash
 from fusionlab.ensemble.combine import COMBINERS, dense, drop_filter, topk_probs
 from fusionlab.ensemble.sync import TextSync
@@ -34,6 +34,15 @@ def eos_ids(model, tokenizer) -> set[int]:
     ids = set(ids if isinstance(ids, (list, tuple)) else [ids])
     ids.add(tokenizer.eos_token_id)
     return {int(i) for i in ids if i is not None}
+
+
+def align_members(main, aux: Sequence, method: str, params: dict[str, Any], cache_dir, rebuild: bool = False) -> list[Alignment]:
+    """One alignment per aux ``(model, tokenizer)`` onto ``main``'s vocabulary (cached), with each aux
+    model's end-of-turn tokens sent to main's EOS."""
+    from fusionlab.align import align
+
+    return [align(model, tok, *main, method, cache_dir=cache_dir, rebuild=rebuild,
+                  aux_eos_ids=sorted(eos_ids(model, tok)), **params) for model, tok in aux]
 
 
 class _Stream:
@@ -184,11 +193,12 @@ class EvaDecoder:
         if do_sample and temperature <= 0:
             raise FusionlabError(f"ensemble.temperature must be > 0 when sampling, got {temperature}.")
         self.main, self.aux = main, list(aux)
-        main_vocab = main[0].get_output_embeddings().weight.shape[0]
+        self.main_vocab = main_vocab = output_embeddings(main[0]).shape[0]
         for (m, _), a in zip(self.aux, alignments):
-            if a.main_vocab != main_vocab or a.aux_vocab > m.get_output_embeddings().weight.shape[0]:
+            aux_vocab = output_embeddings(m).shape[0]
+            if a.main_vocab != main_vocab or a.aux_vocab > aux_vocab:
                 raise FusionlabError(f"Alignment {a.method!r} maps {a.aux_vocab} -> {a.main_vocab} tokens but the "
-                                     f"models have {m.get_output_embeddings().weight.shape[0]} -> {main_vocab}.")
+                                     f"models have {aux_vocab} -> {main_vocab}.")
         self.alignments = [a.to(next(main[0].parameters()).device) for a in alignments]
         self.topk, self.drop, self.combiner, self.weights = topk, drop, combiner, weights
         self.do_sample, self.temperature, self.seed = do_sample, temperature, seed
@@ -224,12 +234,11 @@ class EvaDecoder:
         kept_hist = [0] * (n_models + 1)  # rows×steps where n models passed the filter (0 = none, all used)
         kept_per_model = [0] * n_models
         steps = rollbacks = 0
-        main_vocab = self.alignments[0].main_vocab if self.alignments else None
+        stop_tail = max((len(s) for s in stop), default=0) * 4 + 64  # bytes of text that can hold a stop string
         for _ in tqdm(range(max_new_tokens), desc="eva", disable=not progress, leave=False):
             logits = streams[0].logits()
-            vocab = main_vocab or logits.shape[-1]
             p, ids = topk_probs(logits, self.topk)
-            dists = [dense(p, ids, vocab)]
+            dists = [dense(p, ids, self.main_vocab)]
             for stream, alignment in zip(streams[1:], self.alignments):
                 q, qids = topk_probs(stream.logits(), self.topk)
                 dists.append(alignment.project(q.to(dists[0].device), qids.to(dists[0].device)))
@@ -243,10 +252,10 @@ class EvaDecoder:
                 nxt = combined.argmax(dim=-1)
             n_kept = keep.sum(dim=0)
             steps += 1
-            for m in range(n_models):
-                kept_per_model[m] += int(keep[m].sum())
-            for b in range(len(active)):
-                kept_hist[int(n_kept[b])] += 1
+            for m, n in enumerate(keep.sum(dim=1).tolist()):  # one device read each, not one per row
+                kept_per_model[m] += n
+            for n in n_kept.tolist():
+                kept_hist[n] += 1
             done = []
             for b, tok in enumerate(nxt.tolist()):
                 row = active[b]
@@ -265,7 +274,7 @@ class EvaDecoder:
                         stream.rollback(b, back)
                         stream.push(b, new)
                 if stop:
-                    tail = gen_text[row][-(max(len(s) for s in stop) * 4 + 64):].decode("utf-8", "ignore")
+                    tail = gen_text[row][-stop_tail:].decode("utf-8", "ignore")
                     if any(s in tail for s in stop):
                         done.append(b)
             if done:

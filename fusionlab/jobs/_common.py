@@ -1,15 +1,13 @@
 """Config → plain-object helpers shared by the jobs."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fusionlab.errors import FusionlabError
 from fusionlab.models import ModelSpec
-from fusionlab.tracking import Tracker
+from fusionlab.tracking import Tracker, wandb_mode
 
 
 def to_dict(node: Any) -> Any:
@@ -21,15 +19,6 @@ def to_dict(node: Any) -> Any:
 
 def model_spec(node: Any) -> ModelSpec:
     return ModelSpec.from_dict(to_dict(node))
-
-
-def wandb_mode(mode: str | None) -> str:
-    """``null`` means offline unless the user has an API key; never touches WANDB_MODE globally."""
-    if mode is None:
-        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-    if mode not in ("online", "offline", "disabled"):
-        raise FusionlabError(f"logger.wandb.mode={mode!r}; use online, offline or disabled.")
-    return mode
 
 
 def sweep_group(cfg: DictConfig) -> str | None:
@@ -45,14 +34,6 @@ def sweep_group(cfg: DictConfig) -> str | None:
         return f"{cfg.get('job')}-{Path(hc.sweep.dir).name}"
     return None
 
-
-def job_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:
-        return []
 
 
 def make_tracker(cfg: DictConfig, output_dir: Path) -> Tracker:

@@ -12,10 +12,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from fusionlab.align import align
-from fusionlab.ensemble import EvaDecoder
+from fusionlab.ensemble import EvaDecoder, align_members
 from fusionlab.ensemble.config import EnsembleConfig
-from fusionlab.ensemble.decoder import eos_ids
 from fusionlab.io import write_jsonl
 from fusionlab.jobs._common import make_tracker, model_spec, task_inputs, to_dict
 from fusionlab.models import ModelSpec, cache_dir, load_model
@@ -27,15 +25,6 @@ log = logging.getLogger(__name__)
 def alignment_options(cfg: DictConfig) -> tuple[str, dict[str, Any]]:
     node = dict(to_dict(cfg.get("align_method")) or {"name": "vecmap_csls"})
     return node.pop("name"), node
-
-
-def build_alignments(main, aux: list, method: str, params: dict[str, Any], cache: Path, rebuild: bool) -> list:
-    out = []
-    for model, tok in aux:
-        out.append(align(model, tok, *main, method, cache_dir=cache, rebuild=rebuild,
-                         aux_eos_ids=sorted(eos_ids(model, tok)), main_eos_id=main[1].eos_token_id,
-                         progress=True, **params))
-    return out
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -51,14 +40,13 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     gen = cfg.generation
     max_new_tokens = gen.max_new_tokens or task.max_new_tokens
     method, params = alignment_options(cfg)
-    normalize_rows = bool(params.pop("normalize_rows", False))
     cache = Path(ens.cache_dir) if ens.cache_dir else cache_dir() / "align"
 
     with make_tracker(cfg, output_dir) as tracker:
         members = [load_model(main_spec)] + [load_model(s) for s in aux_specs]
         specs = [main_spec] + aux_specs
-        alignments = build_alignments(members[0], members[1:], method, {**params, "normalize_rows": normalize_rows},
-                                      cache, ens.rebuild_alignment)
+        alignments = align_members(members[0], members[1:], method, {**params, "progress": True}, cache,
+                                   ens.rebuild_alignment)
         prompts = [task_prompts(task.name, examples, tok, s.use_chat_template, shots) for (_, tok), s in zip(members, specs)]
         stops = sorted({s for spec in specs for s in task_stops(task.name, spec.use_chat_template)})
         metrics: dict[str, Any] = {"task": task.name, "n": len(examples), "main": names[0], "aux": ",".join(names[1:]),

@@ -127,9 +127,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
               "output": m.get("output") or str(output_dir / "merged")})
     m.setdefault("tokenizer_source", str(pivot))
     mc = MergeConfig.from_dict(m)
-    plan(mc)
+    planned = plan(mc)  # config errors before a tracker or any output exists
     with make_tracker(cfg, output_dir) as tr:
-        metrics.update({"merge_method": mc.method, "fusion_targets": len(targets), **merge(mc)})
+        metrics.update({"merge_method": mc.method, "fusion_targets": len(targets), **merge(mc, planned)})
         ppl = perplexities({"pivot": str(pivot), **targets, "merged": mc.output}, fm.get("eval") or {})
         metrics.update(ppl)
         if ppl:

@@ -27,7 +27,6 @@ from fusionlab.jobs._common import make_tracker, to_dict
 log = logging.getLogger(__name__)
 
 DERIVED = "derived:"
-_JOB_KEYS = ("derive", "eval", "mergekit_config")
 
 
 def derive_models(base_ref: str, derive: dict[str, Any]) -> dict[str, str]:
@@ -111,9 +110,9 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         mc = MergeConfig.from_dict(m)
     from fusionlab.merge import plan
 
-    plan(mc)  # every config error surfaces here, before a tracker or any output exists
+    planned = plan(mc)  # every config error surfaces here, before a tracker or any output exists
     with make_tracker(cfg, output_dir) as tr:
-        metrics: dict[str, Any] = {"merge_method": mc.method, **merge(mc)}
+        metrics: dict[str, Any] = {"merge_method": mc.method, **merge(mc, planned)}
         inputs = {"base": mc.base} if mc.base else {}
         inputs.update({labels.get(mm.model, label_of(mm.model)): mm.model for mm in mc.models if mm.model != mc.base})
         ppl = perplexities({**inputs, "merged": mc.output}, evaluation or {})

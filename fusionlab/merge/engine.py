@@ -206,15 +206,16 @@ def reuse_freed_memory() -> Iterator[None]:
         libc.malloc_trim(0)
 
 
-def merge(cfg: MergeConfig) -> dict[str, Any]:
-    """Run a merge; returns a flat summary (tensor count, bytes, seconds)."""
+def merge(cfg: MergeConfig, planned: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run a merge (``planned``: what :func:`plan` returned for ``cfg``, if the caller validated it
+    already); returns a flat summary (tensor count, bytes, seconds)."""
     with reuse_freed_memory():
-        return _merge(cfg)
+        return _merge(cfg, planned)
 
 
-def _merge(cfg: MergeConfig) -> dict[str, Any]:
+def _merge(cfg: MergeConfig, planned: dict[str, Any] | None) -> dict[str, Any]:
     start = time.perf_counter()
-    p = plan(cfg)
+    p = planned if planned is not None else plan(cfg)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FusionlabError(f"merge.device={cfg.device!r} but no CUDA GPU is visible; use merge.device=cpu.")

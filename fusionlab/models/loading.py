@@ -130,7 +130,7 @@ def build_random_model(config: dict[str, Any], seed: int = 0, vocab_size: int | 
         return AutoModelForCausalLM.from_config(cfg)
 
 
-def load_model(spec: ModelSpec | dict[str, Any], with_tokenizer: bool = True):
+def load_model(spec: ModelSpec | dict[str, Any]):
     """Load ``(model, tokenizer)`` for a spec; the model is in eval mode on ``spec.device``."""
     from transformers import AutoModelForCausalLM
 
@@ -138,7 +138,7 @@ def load_model(spec: ModelSpec | dict[str, Any], with_tokenizer: bool = True):
         spec = ModelSpec.from_dict(spec)
     dtype = spec.torch_dtype()
     device = resolve_device(spec.device)
-    tokenizer = load_tokenizer(spec) if (with_tokenizer or spec.source == "random") else None
+    tokenizer = load_tokenizer(spec)
     if spec.source == "random":
         model = build_random_model(spec.config, seed=spec.seed, vocab_size=len(tokenizer))
         model.to(dtype)

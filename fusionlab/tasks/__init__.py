@@ -188,10 +188,6 @@ def _assistant_prefix(name: str) -> str:
     return {"qa": "Answer:", "generation": "English:" if name == "flores" else ""}[kind]
 
 
-def stop_strings(name: str) -> list[str]:
-    return list(get_task(name).stop)
-
-
 def task_prompts(name: str, examples: list[dict[str, Any]], tokenizer, use_chat_template: bool,
                  shots: list[dict[str, Any]] = ()) -> list[str]:
     """Every example's prompt in one model's format (its chat template, or plain text for base models)."""
@@ -207,7 +203,7 @@ def task_prompts(name: str, examples: list[dict[str, Any]], tokenizer, use_chat_
 
 def task_stops(name: str, use_chat_template: bool) -> list[str]:
     """Task stop strings, plus the next-question marker that base models (plain-text prompts) tend to write."""
-    return stop_strings(name) + ([] if use_chat_template else ["\nQuestion:"])
+    return list(get_task(name).stop) + ([] if use_chat_template else ["\nQuestion:"])
 
 
 def extract_answer(name: str, text: str) -> Any:
