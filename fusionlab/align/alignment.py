@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from fusionlab.errors import FusionlabError
+from fusionlab.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -122,17 +122,12 @@ def save_alignment(path: Path, alignment: Alignment) -> None:
     """Write atomically: a checksum of the payload lets a later load detect a damaged file."""
     from safetensors.torch import save_file
 
+    cols, vals = alignment.cols.to(torch.int32).contiguous(), alignment.vals.float().contiguous()
     meta = {"key": alignment.key, "method": alignment.method, "main_vocab": str(alignment.main_vocab),
-            "stats": json.dumps(alignment.stats), "checksum": tensor_hash(alignment.cols.to(torch.int32)) + tensor_hash(alignment.vals.float()),
+            "stats": json.dumps(alignment.stats), "checksum": tensor_hash(cols) + tensor_hash(vals),
             "version": CACHE_VERSION}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({"cols": alignment.cols.to(torch.int32).contiguous(), "vals": alignment.vals.float().contiguous()},
-                  str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({"cols": cols, "vals": vals}, str(tmp), metadata=meta)
 
 
 def load_alignment(path: Path, expected_key: str, aux_vocab: int, main_vocab: int) -> Alignment | None:

@@ -16,8 +16,8 @@ import torch
 from fusionlab.callbacks.base import EvalCallback, callback_texts
 
 from fusionlab.errors import FusionlabError
-from fusionlab.metrics.diff_erank import (DiffERankResult, DiffERankSettings, model_entropies,
-                                          tokenize, untrained_twin)
+from fusionlab.metrics.diff_erank import (DiffERankResult, DiffERankSettings, model_entropies, tokenize,
+                                          untrained_entropies)
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,7 @@ class DiffERankCallback(EvalCallback):
         layers, trained = model_entropies(model, ids, s.layers, s.batch_size, self._pad_id, desc="eRank")
         if self._untrained is None:
             params = next(model.parameters())
-            twin = untrained_twin(model.config, s.seed, dtype=params.dtype, device=params.device)
-            _, self._untrained = model_entropies(twin, ids, layers, s.batch_size, self._pad_id, desc="eRank untrained")
-            del twin
-            if params.device.type == "cuda":
-                torch.cuda.empty_cache()
+            self._untrained = untrained_entropies(model.config, ids, layers, s, self._pad_id, params.dtype, params.device)
         result = DiffERankResult(layers=layers, trained=trained, untrained=self._untrained, n_skipped=self._n_skipped)
         metrics = {k: float(v) for k, v in result.metrics(f"{self.prefix}/", s.average).items()
                    if not k.endswith(("/layer", "/n_texts", "/n_skipped"))}
@@ -96,7 +92,6 @@ class DiffERankCallback(EvalCallback):
             for k, layer in enumerate(layers[:-1]):
                 metrics[f"{self.prefix}/layer{layer}/diff_erank"] = result.layer_summary(k)[
                     "diff_erank_geo" if s.average == "geometric" else "diff_erank_arith"]
-        self.last_metrics = metrics
         return metrics
 
     checkpoint_key = "diff_erank"

@@ -177,7 +177,7 @@ class MergeCallback(EvalCallback):
                 self._ppl_base = perplexity(self._base(), self.texts, self.max_length, self.batch_size)
             metrics[f"{self.prefix}/ppl_base"] = self._ppl_base
         self._prune(root, keep=out)
-        self.last_metrics, self.last_output = metrics, out
+        self.last_output = out
         log.info("Merged checkpoint %s: %s", out, metrics)
         return metrics
 

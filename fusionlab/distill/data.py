@@ -19,19 +19,20 @@ from fusionlab.errors import FusionlabError
 
 
 class FuseDataset(Dataset):
-    def __init__(self, records: list[dict[str, Any]], candidates: list[int] | None = None):
+    def __init__(self, records: list[dict[str, Any]]):
         self.records = records
-        self.candidates = candidates  # which of the M target distributions to keep (None = all)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        r = self.records[i]
-        if self.candidates is None:
-            return r
-        return {**r, "target_ids": r["target_ids"][self.candidates], "target_logits": r["target_logits"][self.candidates],
-                "ce": r["ce"][self.candidates]}
+        return self.records[i]
+
+
+def keep_candidates(records: list[dict[str, Any]], candidates: list[int]) -> list[dict[str, Any]]:
+    """Records with only the chosen target distributions (of M), sliced once, not at every item load."""
+    return [{**r, "target_ids": r["target_ids"][candidates], "target_logits": r["target_logits"][candidates],
+             "ce": r["ce"][candidates]} for r in records]
 
 
 def collate(samples: list[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -120,8 +121,10 @@ class FuseDataModule(L.LightningDataModule):
                                  "tokens); check the conversation data.")
         if val_size >= len(records):
             raise FusionlabError(f"distill.data.val_size={val_size} leaves no training samples out of {len(records)}.")
-        self.val = FuseDataset(records[:val_size], candidates) if val_size else None
-        self.train = FuseDataset(records[val_size:], candidates)
+        if candidates is not None:  # which of the M target distributions to keep (None = all)
+            records = keep_candidates(records, candidates)
+        self.val = FuseDataset(records[:val_size]) if val_size else None
+        self.train = FuseDataset(records[val_size:])
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.num_workers, self.pad_id = num_workers, pad_id
         self.sampler: SeededShuffle | None = None

@@ -20,6 +20,7 @@ import numpy as np
 from fusionlab.distill.token_align import align_tokens
 from fusionlab.distill.vocab import build_vocab_map, count_coalignments, strip_marker
 from fusionlab.errors import FusionlabError
+from fusionlab.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +141,9 @@ def save_fused(records: list[dict], path: str | os.PathLike) -> None:
          "target_ids": np.concatenate([r["target_ids"] for r in records], axis=1).astype(np.int32),
          "target_logits": np.concatenate([r["target_logits"] for r in records], axis=1),
          "ce": np.stack([r["ce"] for r in records])}
-    tmp = path.with_suffix(".tmp")
-    save_file(t, str(tmp))
-    os.replace(tmp, path)
-    Path(str(path) + ".json").write_text(json.dumps([r["id"] for r in records]))
+    with atomic_path(path) as tmp:
+        save_file(t, str(tmp))
+    atomic_write_text(Path(str(path) + ".json"), json.dumps([r["id"] for r in records]))
 
 
 def load_fused(path: str | os.PathLike) -> list[dict]:

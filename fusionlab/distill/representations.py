@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from fusionlab.errors import FusionlabError
-from fusionlab.io import write_json
+from fusionlab.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,8 @@ def extract_representations(model, tokenizer, texts: list[dict[str, Any]], out_d
             "topk_logits": _cat([r[2] for r in rows], np.dtype(logits_dtype), (topk,)),
             "ce": np.asarray([r[4] for r in rows], dtype=np.float32),
         }
-        tmp = shard_path.with_suffix(".safetensors.tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, shard_path)
+        with atomic_path(shard_path) as tmp:
+            save_file(tensors, str(tmp))
         write_json(side_path, {"ids": [r[0] for r in rows], "dropped_nan": dropped_nan,
                                "dropped_no_assistant": dropped_none})
         totals["kept"] += len(rows)

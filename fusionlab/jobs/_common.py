@@ -67,12 +67,12 @@ def lightning_loggers(cfg: DictConfig, output_dir: Path) -> list:
 
 def task_inputs(cfg: DictConfig):
     """(task definition, evaluated examples, few-shot demonstrations) from ``cfg.task``."""
-    from fusionlab.tasks import few_shot_examples, get_task, load_examples
+    from fusionlab.tasks import few_shot_examples, get_task, load_examples, select_examples
 
     t = cfg.task
     task = get_task(t.name)
-    examples = load_examples(task.name, path=t.get("path"), limit=t.get("limit"), seed=t.get("seed", 0),
-                             shuffle=t.get("shuffle", False))
-    shots = few_shot_examples(task.name, t.get("n_shot", 0), seed=t.get("seed", 0), path=t.get("path"),
-                              exclude={ex["id"] for ex in examples})
+    everything = load_examples(task.name, path=t.get("path"))  # read once: evaluated examples and demos
+    examples = select_examples(everything, t.get("limit"), t.get("seed", 0), t.get("shuffle", False))
+    shots = few_shot_examples(task.name, t.get("n_shot", 0), seed=t.get("seed", 0), exclude={ex["id"] for ex in examples},
+                              pool=everything)
     return task, examples, shots

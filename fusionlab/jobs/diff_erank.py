@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fusionlab.errors import FusionlabError
 from fusionlab.io import write_jsonl
-from fusionlab.jobs._common import make_tracker
+from fusionlab.jobs._common import make_tracker, to_dict
 from fusionlab.metrics.diff_erank import DiffERankSettings, evaluate_diff_erank, load_texts, plot_layers
 
 log = logging.getLogger(__name__)
@@ -30,15 +30,15 @@ def _model_specs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         if not isinstance(models, DictConfig):
             raise FusionlabError("`models` must be a mapping name -> model spec (or null to use `model`); "
                                  f"got {OmegaConf.to_yaml(models).strip()!r}.")
-        return {str(k): OmegaConf.to_container(v, resolve=True) for k, v in models.items()}
+        return {str(k): to_dict(v) for k, v in models.items()}
     if cfg.get("model") is None:
         raise FusionlabError("The diff_erank job needs `model` (e.g. model=smollm2_135m) or a `models` mapping.")
-    spec = OmegaConf.to_container(cfg.model, resolve=True)
+    spec = to_dict(cfg.model)
     return {str(spec.get("name") or "model"): spec}
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
-    settings = DiffERankSettings.from_dict(OmegaConf.to_container(cfg.get("metric") or {}, resolve=True))
+    settings = DiffERankSettings.from_dict(to_dict(cfg.get("metric") or {}))
     texts = load_texts(settings.texts, settings.text_field, settings.limit)
     specs = _model_specs(cfg)
     metrics: dict[str, Any] = {"n_models": len(specs)}

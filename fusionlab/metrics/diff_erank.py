@@ -73,6 +73,17 @@ class DiffERankSettings:
             raise FusionlabError(f"Diff-eRank layers={self.layers!r}: use 'last', 'all' or a list of layer indices.")
 
 
+def untrained_entropies(config, token_ids, layers, settings: "DiffERankSettings", pad_id: int, dtype: torch.dtype,
+                        device: torch.device, desc: str = "eRank untrained") -> list:
+    """Entropies of the untrained twin of ``config`` (seed ``settings.seed``) at ``layers``; the twin is
+    freed before returning."""
+    twin = untrained_twin(config, settings.seed, dtype=dtype, device=device)
+    _, untrained = model_entropies(twin, token_ids, layers, settings.batch_size, pad_id, desc=desc)
+    del twin
+    _free(device, 0)
+    return untrained
+
+
 # --------------------------------------------------------------------------------------------
 # The math: entropies of token-representation matrices
 # --------------------------------------------------------------------------------------------
@@ -315,7 +326,6 @@ class DiffERankResult:
     trained: torch.Tensor  # (n_layers, n_texts) float64 entropies
     untrained: torch.Tensor  # (n_layers, n_texts)
     n_skipped: int = 0
-    n_layers_model: int | None = None  # number of transformer blocks
 
     @property
     def n_texts(self) -> int:
@@ -357,17 +367,12 @@ def evaluate_diff_erank(spec, texts: Sequence[str], settings: DiffERankSettings 
                                       desc=f"eRank {spec.name}")
     config, dtype = model.config, next(model.parameters()).dtype
     device = next(model.parameters()).device
-    n_blocks = getattr(config, "num_hidden_layers", None)
     n_params = sum(p.numel() for p in model.parameters())
     del model
     _free(device, n_params)
-    twin = untrained_twin(config, settings.seed, dtype=dtype, device=device)
-    _, untrained = model_entropies(twin, token_ids, layers, settings.batch_size, pad_id,
-                                   desc=f"eRank {spec.name} (untrained)")
-    del twin
-    _free(device, 0)
-    return DiffERankResult(layers=layers, trained=trained, untrained=untrained, n_skipped=skipped,
-                           n_layers_model=n_blocks)
+    untrained = untrained_entropies(config, token_ids, layers, settings, pad_id, dtype, device,
+                                    desc=f"eRank {spec.name} (untrained)")
+    return DiffERankResult(layers=layers, trained=trained, untrained=untrained, n_skipped=skipped)
 
 
 def plot_layers(rows: list[dict[str, Any]], path: str | Path, average: str = "geometric") -> Path:

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fusionlab.io import _tmp_sibling
+from fusionlab.io import atomic_path
 
 # (x, y) override pairs that get a heatmap when a sweep varies both
 HEATMAP_PAIRS = [("ensemble.topk", "ensemble.drop"), ("distill.lam", "distill.temperature")]
@@ -36,12 +36,10 @@ def _savefig(fig, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
     path = Path(path)
-    tmp = _tmp_sibling(path, suffix=path.suffix)
     try:
-        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=path.suffix) as tmp:
+            fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
     finally:
-        tmp.unlink(missing_ok=True)
         plt.close(fig)
     return path
 

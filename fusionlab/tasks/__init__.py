@@ -117,7 +117,13 @@ def load_examples(name: str, path: str | None = None, limit: int | None = None, 
         rows = _read_hf(task)
     if not rows:
         raise FusionlabError(f"Task {name!r} has no examples (source: {path or task.data_file or task.hf_dataset}).")
-    examples = [_normalise(task, r, i) for i, r in enumerate(rows)]
+    return select_examples([_normalise(task, r, i) for i, r in enumerate(rows)], limit, seed, shuffle)
+
+
+def select_examples(examples: list[dict[str, Any]], limit: int | None = None, seed: int = 0,
+                    shuffle: bool = False) -> list[dict[str, Any]]:
+    """The first ``limit`` examples (or a seeded random ``limit`` with ``shuffle``); all with no limit."""
+    examples = list(examples)
     if shuffle:
         random.Random(seed).shuffle(examples)
     if limit is not None:
@@ -142,11 +148,12 @@ def demo_answer(name: str, example: dict[str, Any]) -> str:
 
 
 def few_shot_examples(name: str, n_shot: int, seed: int = 0, path: str | None = None,
-                      exclude: set[Any] = frozenset()) -> list[dict[str, Any]]:
-    """``n_shot`` seeded demonstrations from the task's data, never one of the ``exclude`` ids."""
+                      exclude: set[Any] = frozenset(), pool: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """``n_shot`` seeded demonstrations from the task's data (``pool``: all of it, already loaded),
+    never one of the ``exclude`` ids."""
     if n_shot <= 0:
         return []
-    pool = [ex for ex in load_examples(name, path=path) if ex["id"] not in exclude]
+    pool = [ex for ex in (pool if pool is not None else load_examples(name, path=path)) if ex["id"] not in exclude]
     if len(pool) < n_shot:
         raise FusionlabError(f"task.n_shot={n_shot} but only {len(pool)} examples of {name!r} are left for "
                              "demonstrations; lower task.n_shot or task.limit.")
