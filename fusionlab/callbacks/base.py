@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import lightning
+import torch
 
 from fusionlab.errors import FusionlabError
 
@@ -43,6 +44,14 @@ class EvalCallback(lightning.Callback):
 
     def evaluate(self, trainer: "lightning.Trainer", pl_module: "lightning.LightningModule") -> dict[str, float]:
         raise NotImplementedError
+
+    def module_model(self, pl_module, attr: str, need_save: bool = False):
+        """The transformers model at ``pl_module.<attr>``, or a clear error naming the attribute."""
+        model = getattr(pl_module, attr, None)
+        if not isinstance(model, torch.nn.Module) or (need_save and not hasattr(model, "save_pretrained")):
+            raise FusionlabError(f"{type(self).__name__} needs the transformers model at pl_module.{attr}; "
+                                 f"{type(pl_module).__name__} has none. Set model_attr to the right attribute.")
+        return model
 
     def checkpoint_payload(self, metrics: dict[str, float]) -> dict[str, Any]:
         """What goes into the checkpoint under :attr:`checkpoint_key` (the metrics, by default)."""

@@ -53,11 +53,7 @@ class DiffERankCallback(EvalCallback):
 
     # -- plumbing -------------------------------------------------------------------------------
     def _model(self, pl_module):
-        model = getattr(pl_module, self.model_attr, None)
-        if not isinstance(model, torch.nn.Module):
-            raise FusionlabError(f"DiffERankCallback needs the transformers model at pl_module.{self.model_attr}; "
-                                 f"{type(pl_module).__name__} has none. Set model_attr to the right attribute.")
-        return model
+        return self.module_model(pl_module, self.model_attr)
 
     def _token_ids(self, pl_module) -> list[list[int]]:
         if self._tokens is None:

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import lightning
-import torch
 
 from fusionlab.callbacks.base import EvalCallback, callback_texts
 
@@ -97,11 +96,7 @@ class MergeCallback(EvalCallback):
         return Path(self.dirpath or Path(trainer.default_root_dir) / "merged").expanduser()
 
     def _model(self, pl_module):
-        model = getattr(pl_module, self.model_attr, None)
-        if not isinstance(model, torch.nn.Module) or not hasattr(model, "save_pretrained"):
-            raise FusionlabError(f"MergeCallback needs the transformers model at pl_module.{self.model_attr}; "
-                                 f"{type(pl_module).__name__} has none. Set model_attr to the right attribute.")
-        return model
+        return self.module_model(pl_module, self.model_attr, need_save=True)
 
     def _export(self, pl_module, out: Path) -> None:
         """The trained model as an HF dir (LoRA adapters merged into a copy; the trained module is untouched)."""
