@@ -16,6 +16,11 @@ from fusionlab.errors import FusionlabError
 log = logging.getLogger(__name__)
 
 
+def sweep_group_name(job: str, sweep_dir: str | os.PathLike) -> str:
+    """The W&B group of one job's sweep; jobs and ``fusionlab.report`` must agree on it."""
+    return f"{job}-{Path(sweep_dir).name}"
+
+
 def wandb_mode(mode: str | None) -> str:
     """``null`` means offline unless the user has an API key; never touches WANDB_MODE globally."""
     if mode is None:

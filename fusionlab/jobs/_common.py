@@ -7,7 +7,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fusionlab.models import ModelSpec
-from fusionlab.tracking import Tracker, wandb_mode
+from fusionlab.tracking import Tracker, sweep_group_name, wandb_mode
 
 
 def to_dict(node: Any) -> Any:
@@ -31,7 +31,7 @@ def sweep_group(cfg: DictConfig) -> str | None:
     except ValueError:
         return None
     if hc.mode == RunMode.MULTIRUN:
-        return f"{cfg.get('job')}-{Path(hc.sweep.dir).name}"
+        return sweep_group_name(cfg.get("job"), hc.sweep.dir)
     return None
 
 

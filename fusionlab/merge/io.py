@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from fusionlab.errors import FusionlabError
+from fusionlab.models.loading import DTYPES as MODEL_DTYPES
 
 INDEX_NAME = "model.safetensors.index.json"
 # Files copied from the tokenizer source into a merged checkpoint (besides config.json).
@@ -38,8 +39,7 @@ LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+DTYPES = {**MODEL_DTYPES, "float64": torch.float64}  # a merge may also write fp64
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -19,6 +19,7 @@ from fusionlab.report.collect import (Run, collect_runs, read_optuna_results, sw
                                       varying_overrides)
 from fusionlab.report.plots import HEATMAP_PAIRS, plot_curves, plot_heatmap, read_step_logs
 from fusionlab.report.tables import columns_of, read_report_csv, to_markdown, write_csv
+from fusionlab.tracking import sweep_group_name
 
 __all__ = ["Report", "build_report", "collect_runs", "read_report_csv", "plot_heatmap", "plot_curves",
            "read_step_logs", "push_to_wandb"]
@@ -148,5 +149,5 @@ def sweep_group(report: Report) -> str | None:
     jobs = {r.metrics.get("job") for r in report.runs}
     sweeps = {r.sweep_dir for r in report.runs}
     if len(jobs) == 1 and len(sweeps) == 1 and None not in sweeps and None not in jobs:
-        return f"{jobs.pop()}-{sweeps.pop().name}"
+        return sweep_group_name(jobs.pop(), sweeps.pop())
     return None
