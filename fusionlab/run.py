@@ -1,9 +1,14 @@
 """Command-line entry: ``python -m fusionlab.run +experiment=NAME [overrides]``.
 
 A thin ``@hydra.main`` that hands the composed config to :func:`run`, a plain function
-that tests call directly. ``cfg.job`` names a module in :mod:`fusionlab.jobs` whose
+that tests call directly. ``cfg.job`` is a key of :data:`JOBS`, whose module's
 ``run(cfg, output_dir) -> dict`` does the work; the returned flat dict is written to
 ``<output_dir>/metrics.json``, the file every sweep and report reads.
+
+The config is typed (:mod:`fusionlab.schema`): a mistyped key or a value of the wrong type
+fails while Hydra composes, a bad value (a range, a choice, a missing path) in
+:func:`fusionlab.schema.validate` before the job starts; both end as one
+``fusionlab: error:`` paragraph with exit status 2, before any model loads.
 """
 from __future__ import annotations
 
@@ -17,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from fusionlab.errors import FusionlabError
 from fusionlab.io import write_json
+from fusionlab.schema import RootConfig, config_error_message, validate
 
 log = logging.getLogger("fusionlab")
 
@@ -30,29 +37,56 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
 
 
+# job name -> module whose run(cfg, output_dir) -> dict does the work (imported only when that job runs)
+JOBS: dict[str, str] = {
+    "evaluate": "fusionlab.jobs.evaluate",
+    "ensemble": "fusionlab.jobs.ensemble",
+    "distill": "fusionlab.jobs.distill",
+    "fusechat_merge": "fusionlab.jobs.fusechat_merge",
+    "merge": "fusionlab.jobs.merge",
+    "chat_vector": "fusionlab.jobs.chat_vector",
+    "diff_erank": "fusionlab.jobs.diff_erank",
+}
+
+SCHEMA_NAME = "fusionlab_schema"  # conf/config.yaml's first defaults entry
+
+
+def register_configs() -> None:
+    """Put the typed root schema into Hydra's ConfigStore (idempotent; tests composing configs call it too)."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RootConfig)
+
+
+register_configs()
+
+
 def _job_module(name: str):
-    try:
-        return importlib.import_module(f"fusionlab.jobs.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"fusionlab.jobs.{name}":
-            raise
-        jobs_dir = Path(__file__).parent / "jobs"
-        known = sorted(p.stem for p in jobs_dir.glob("*.py") if not p.stem.startswith("_"))
-        raise FusionlabError(f"Unknown job {name!r}; set job= to one of {known}.") from e
+    if name not in JOBS:
+        raise FusionlabError(f"Unknown job {name!r}; set job= to one of {sorted(JOBS)}.")
+    return importlib.import_module(JOBS[name])
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the job that ``cfg.job`` names and write its ``metrics.json``; return the metrics."""
     import lightning
 
+    validate(cfg)  # every value check, before any output dir, model or data
+    job = _job_module(cfg.job)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("seed") is not None:
         lightning.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    job = _job_module(cfg.job)
     start = time.perf_counter()
     metrics = job.run(cfg, output_dir)
     metrics = {"job": cfg.job, **metrics, "wall_s": round(time.perf_counter() - start, 3), "status": "ok"}
+    objective = cfg.get("objective")
+    if objective and not isinstance(metrics.get(objective), (int, float)):
+        available = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+        metrics["status"] = "failed"
+        metrics["error"] = f"objective {objective!r} missing"
+        if _is_global_rank_zero():
+            write_json(output_dir / "metrics.json", metrics)
+        raise FusionlabError(f"objective={objective!r} is not a number this {cfg.job} run wrote to metrics.json; "
+                             f"set objective= to one of {available}.")
     if _is_global_rank_zero():  # multi-GPU jobs run this function once per rank
         write_json(output_dir / "metrics.json", metrics)
         log.info("Wrote %s", output_dir / "metrics.json")
@@ -92,8 +126,7 @@ def main(cfg: DictConfig) -> float | None:
         _record_failure(cfg, err)
         raise
     objective = cfg.get("objective")
-    value = metrics.get(objective) if objective else None
-    return float(value) if isinstance(value, (int, float)) else None
+    return float(metrics[objective]) if objective else None
 
 
 def _in_multirun() -> bool:
@@ -106,6 +139,22 @@ def _in_multirun() -> bool:
         return False
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``main`` with composition errors (unknown key, wrong type, unknown group option) as one paragraph, exit 2."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    full_errors = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us instead of Hydra's own printout
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException) as err:
+        if full_errors == "1":
+            raise
+        print(f"fusionlab: error: {config_error_message(err)}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

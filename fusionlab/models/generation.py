@@ -7,6 +7,31 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from fusionlab.errors import FusionlabError
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings shared by the ``evaluate`` and ``ensemble`` jobs (the ``generation:`` node)."""
+
+    max_new_tokens: int | None = None  # None: the task's own default (TaskDef.max_new_tokens)
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 1.0  # used only when do_sample is true
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise FusionlabError(f"generation.max_new_tokens={self.max_new_tokens} must be >= 1 (or null for the "
+                                 "task's default).")
+        if self.batch_size < 1:
+            raise FusionlabError(f"generation.batch_size={self.batch_size} must be >= 1.")
+        if self.do_sample and not self.temperature > 0:
+            raise FusionlabError(f"generation.temperature={self.temperature} must be > 0 when sampling "
+                                 "(generation.do_sample=true); use do_sample=false for greedy decoding.")
+        if not 0 < self.top_p <= 1:
+            raise FusionlabError(f"generation.top_p={self.top_p} must be in (0, 1].")
+
 
 @dataclass
 class GenerationResult:

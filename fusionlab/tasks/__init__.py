@@ -53,6 +53,28 @@ TASKS: dict[str, TaskDef] = {t.name: t for t in [
 ]}
 
 
+@dataclass
+class TaskConfig:
+    """Which task to run and on which examples (the ``task:`` node)."""
+
+    name: str = "addsub"
+    path: str | None = None  # a JSONL file instead of the task's default data
+    limit: int | None = None  # first N examples (seeded random N with shuffle); None: all
+    seed: int = 0
+    shuffle: bool = False
+    n_shot: int = 0  # few-shot demonstrations, drawn from the same data, never an evaluated example
+
+    def __post_init__(self) -> None:
+        get_task(self.name)
+        if self.limit is not None and self.limit < 1:
+            raise FusionlabError(f"task.limit={self.limit} must be a positive number of examples (or null for all).")
+        if self.n_shot < 0:
+            raise FusionlabError(f"task.n_shot={self.n_shot} must be >= 0.")
+        if self.path is not None and not Path(self.path).expanduser().is_file():
+            raise FusionlabError(f"task.path={self.path!r} is not a file; give a JSONL file of examples "
+                                 "(or task.path=null for the task's shipped data).")
+
+
 def get_task(name: str) -> TaskDef:
     if name not in TASKS:
         raise FusionlabError(f"Unknown task {name!r}; known tasks are {sorted(TASKS)} (task=<name>).")

@@ -1,0 +1,117 @@
+"""The composed config's typed schema: one dataclass per config node, checked before any work.
+
+Hydra merges every YAML file onto :class:`RootConfig` (registered in the ConfigStore by
+:mod:`fusionlab.run` as ``fusionlab_schema``, the first entry of ``conf/config.yaml``'s defaults),
+so an unknown key or a value of the wrong type fails at compose time, naming the key. Value
+checks (ranges, choices, paths) live in each library dataclass's ``__post_init__``, written once;
+:func:`validate` runs them all by building the typed objects, before a job loads any model.
+
+The node dataclasses belong to the library areas that consume them (``ModelSpec`` in
+``fusionlab.models``, ``EnsembleConfig`` in ``fusionlab.ensemble`` ...); this module only puts
+them together. Nodes typed ``dict[str, Any]`` are instantiated by Hydra (``_target_``:
+trainer, callbacks, optimizer, scheduler, logger) or checked by their own job.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from fusionlab.distill.config import DistillConfig
+from fusionlab.ensemble.config import EnsembleConfig
+from fusionlab.errors import FusionlabError
+from fusionlab.models.generation import GenerationConfig
+from fusionlab.models.loading import ModelSpec
+from fusionlab.tasks import TaskConfig
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    log_dir: str = "logs"
+    output_dir: str = "???"
+
+
+@dataclass
+class RootConfig:
+    """Everything ``python -m fusionlab.run`` composes (less Hydra's own ``hydra:`` node)."""
+
+    job: str = "evaluate"  # a key of fusionlab.run.JOBS
+    seed: int | None = 42
+    objective: str | None = None  # metrics.json key returned to sweepers (Optuna maximises/minimises it)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    logger: dict[str, Any] | None = None
+    # job-specific nodes: present only when an experiment (or the command line) composes them
+    ensemble: EnsembleConfig | None = None
+    align_method: dict[str, Any] | None = None
+    distill: DistillConfig | None = None
+    fusechat_merge: dict[str, Any] | None = None
+    merge: dict[str, Any] | None = None
+    metric: dict[str, Any] | None = None
+    models: dict[str, ModelSpec] | None = None  # jobs that compare several models (diff_erank)
+    trainer: dict[str, Any] | None = None
+    callbacks: dict[str, Any] | None = None
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+
+
+def validate(cfg: DictConfig) -> RootConfig:
+    """Build the typed config, running every node's value checks; a bad value is a FusionlabError."""
+    if "hydra" in cfg:  # composed with return_hydra_config (tests): Hydra's own node is not ours to check
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            del cfg["hydra"]
+    _reject_unknown_keys(cfg, "")
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        raise FusionlabError(config_error_message(err)) from err
+
+
+def _reject_unknown_keys(node: Any, where: str) -> None:
+    """Keys force-added (``+key=value``) to a typed node pass composition; they are still typos."""
+    if OmegaConf.is_config(node) and (node._is_none() or node._is_missing()):
+        return
+    if isinstance(node, DictConfig):
+        typ = OmegaConf.get_type(node)
+        if dataclasses.is_dataclass(typ):
+            known = {f.name for f in dataclasses.fields(typ)}
+            unknown = sorted(set(node.keys()) - known)
+            if unknown:
+                raise FusionlabError(f"unknown option(s) {unknown} in {where or 'the config'}; valid options are "
+                                     f"{sorted(known)}.")
+        for key in node.keys():
+            if not OmegaConf.is_missing(node, key) and not OmegaConf.is_interpolation(node, key):
+                _reject_unknown_keys(node._get_node(key), f"{where}.{key}" if where else str(key))
+    elif OmegaConf.is_list(node):
+        for i, item in enumerate(node._iter_ex(resolve=False)):
+            _reject_unknown_keys(item, f"{where}[{i}]")
+
+
+def config_error_message(err: BaseException) -> str:
+    """One paragraph from an OmegaConf/Hydra composition error: what is wrong, with which key, and the fix."""
+    causes = []
+    e: BaseException | None = err
+    while e is not None and len(causes) < 5:
+        causes.append(e)
+        e = e.__cause__ or e.__context__
+    parts = []
+    for c in causes:
+        text = str(c).strip()
+        if isinstance(c, FusionlabError):
+            return text
+        text = text.split("\nConfig search path")[0]
+        text = re.sub(r"\s*\n\s*", "; ", text).replace(":; ", ": ")
+        text = re.sub(r"; (object_type|reference_type|ref_type)=[^;]*", "", text)
+        if text and "$VALUE" not in text and text not in " ".join(parts):
+            parts.append(text)
+    msg = " — ".join(parts) or type(err).__name__
+    return (f"bad configuration: {msg}. Check the key and value named here (python -m fusionlab.run --cfg job "
+            "prints the composed config; conf/ lists every group's options).")
