@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from fusionlab.errors import FusionlabError
 from fusionlab.io import write_json
-from fusionlab.schema import RootConfig, config_error_message, validate
+from fusionlab.schema import GROUP_SCHEMAS, RootConfig, config_error_message, validate
 
 log = logging.getLogger("fusionlab")
 
@@ -45,7 +45,8 @@ JOBS: dict[str, str] = {
     "fusechat_merge": "fusionlab.jobs.fusechat_merge",
     "merge": "fusionlab.jobs.merge",
     "chat_vector": "fusionlab.jobs.chat_vector",
-    "diff_erank": "fusionlab.jobs.diff_erank",
+    "diff_erank": "fusionlab.jobs.representation_metrics",
+    "representation_metrics": "fusionlab.jobs.representation_metrics",
 }
 
 SCHEMA_NAME = "fusionlab_schema"  # conf/config.yaml's first defaults entry
@@ -54,6 +55,8 @@ SCHEMA_NAME = "fusionlab_schema"  # conf/config.yaml's first defaults entry
 def register_configs() -> None:
     """Put the typed root schema into Hydra's ConfigStore (idempotent; tests composing configs call it too)."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=RootConfig)
+    for (group, name), node in GROUP_SCHEMAS.items():
+        ConfigStore.instance().store(group=group, name=name, node=node)
 
 
 register_configs()

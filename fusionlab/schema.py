@@ -21,9 +21,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from fusionlab.distill.config import DistillConfig
+from fusionlab.align.methods import ALIGN_METHODS, AlignOptions
+from fusionlab.distill.config import DistillConfig, FuseChatMergeConfig
 from fusionlab.ensemble.config import EnsembleConfig
 from fusionlab.errors import FusionlabError
+from fusionlab.merge.chat_vector import ChatVectorConfig
+from fusionlab.merge.config import MergeConfig
+from fusionlab.metrics.suite import MetricConfig
 from fusionlab.models.generation import GenerationConfig
 from fusionlab.models.loading import ModelSpec
 from fusionlab.tasks import TaskConfig
@@ -50,17 +54,24 @@ class RootConfig:
     logger: dict[str, Any] | None = None
     # job-specific nodes: present only when an experiment (or the command line) composes them
     ensemble: EnsembleConfig | None = None
-    align_method: dict[str, Any] | None = None
+    align_method: AlignOptions | None = None  # each method's own options class (GROUP_SCHEMAS)
     distill: DistillConfig | None = None
-    fusechat_merge: dict[str, Any] | None = None
-    merge: dict[str, Any] | None = None
-    metric: dict[str, Any] | None = None
+    fusechat_merge: FuseChatMergeConfig | None = None
+    merge: MergeConfig | None = None
+    chat_vector: ChatVectorConfig | None = None
+    metric: MetricConfig | None = None
     models: dict[str, ModelSpec] | None = None  # jobs that compare several models (diff_erank)
     trainer: dict[str, Any] | None = None
     callbacks: dict[str, Any] | None = None
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
 
+
+
+# Group options typed by their own dataclass, stored in the ConfigStore as (group, name): the option's
+# YAML lists ``<name>`` first in its defaults (conf/align_method/vecmap_csls.yaml: vecmap_csls_schema).
+GROUP_SCHEMAS: dict[tuple[str, str], type] = {("align_method", f"{name}_schema"): method.options
+                                              for name, method in ALIGN_METHODS.items()}
 
 def validate(cfg: DictConfig) -> RootConfig:
     """Build the typed config, running every node's value checks; a bad value is a FusionlabError."""

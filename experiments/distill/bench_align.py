@@ -54,7 +54,7 @@ def reference_dtw(series_1: list[str], series_2: list[str]) -> list[list[int]]:
 def make_sample(pivot_tok, source_tok, n_tokens: int):
     """One long text of real conversations in the pivot's chat template, cut at n_tokens pivot tokens."""
     from fusionlab.distill.conversations import load_conversations, render
-    from fusionlab.distill.vocab import strip_marker, token_surfaces
+    from fusionlab.align.vocab import strip_marker, token_surfaces
 
     from pathlib import Path
 
@@ -77,7 +77,7 @@ def make_sample(pivot_tok, source_tok, n_tokens: int):
 
 
 def main() -> None:
-    from fusionlab.distill.token_align import align_tokens
+    from fusionlab.align.token_align import align_tokens
     from fusionlab.models import ModelSpec, load_tokenizer
 
     ap = argparse.ArgumentParser()

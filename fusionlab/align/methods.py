@@ -1,14 +1,25 @@
-"""Vocabulary alignment methods: one function per method, a plain dict as the registry.
+"""EVA vocabulary alignment methods: one registered function per method, options read from its signature.
 
-Each method maps ``(aux_model, aux_tokenizer, main_model, main_tokenizer, **params)`` to an
-:class:`Alignment` (aux vocab -> main vocab). :func:`align` adds what every method shares:
-special tokens mapped by role, the held-out P@1 figure, timing and the on-disk cache.
+Each method maps ``(aux_model, aux_tokenizer, main_model, main_tokenizer, *, options...)`` to an
+:class:`Alignment` (aux vocab -> main vocab). :func:`align_method` registers it and builds its
+options dataclass from the keyword-only parameters (name, type and default, written once, in the
+signature) on top of :class:`AlignOptions`, the options :func:`align` itself reads. That dataclass
+types the method's ``conf/align_method/<name>.yaml`` (registered in Hydra's ConfigStore as
+``<name>_schema`` by :mod:`fusionlab.schema`), so an unknown option or a value of the wrong type
+fails at compose time and a bad value in ``__post_init__`` (:data:`OPTION_CHECKS`).
+
+Adding a method = one decorated function here + its YAML (``defaults: [<name>_schema, _self_]``).
+:func:`align` adds what every method shares: special tokens mapped by role, the held-out P@1
+figure, timing and the on-disk cache.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import time
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,11 +27,127 @@ import torch
 
 from fusionlab.align.alignment import Alignment, cache_key, cached, embeddings_hash, output_embeddings
 from fusionlab.align.vecmap import csls_topk, supervised_map
-from fusionlab.align.vocab import (ROLES, seed_dictionary, special_ids, special_roles, split_seed, token_bytes,
-                                   tokenizer_hash)
+from fusionlab.align.vocab import (ROLES, nearest_by_edit_distance, seed_dictionary, special_ids, special_roles,
+                                   split_seed, token_bytes, tokenizer_hash)
 from fusionlab.errors import FusionlabError
 
 log = logging.getLogger(__name__)
+
+SEED_MODES = ("normalized", "raw")
+# Arguments of a method that are how to run it, not what it computes: never options, never in the cache key.
+RUNTIME_ARGS = ("progress",)
+# Options that change where or in what blocks a build runs, not its result: not in the cache key.
+EXECUTION_OPTIONS = ("device", "block")
+
+# Value checks of the options, by option name (an option means the same in every method that has it):
+# name -> (test, what the value must be).
+OPTION_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed_mode": (lambda v: v in SEED_MODES, f"one of {list(SEED_MODES)}"),
+    "holdout": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "aux_vocab_cutoff": (lambda v: v is None or v >= 1, "null (all aux ids) or >= 1"),
+    "k": (lambda v: v >= 1, ">= 1"),
+    "neighborhood": (lambda v: v >= 1, ">= 1"),
+    "std_filter": (lambda v: v is None or (len(v) == 2 and v[0] >= 0 and v[1] >= 0),
+                   "null (off) or [min kept scores, max std], both >= 0"),
+    "reweight": (lambda v: v >= 0, ">= 0"),
+    "dim": (lambda v: v is None or v >= 1, "null (all dims) or >= 1"),
+    "block": (lambda v: v >= 1, ">= 1"),
+    "device": (lambda v: v is None or str(v).split(":")[0] in ("cpu", "cuda", "mps"),
+               "null (the main model's device), cpu, cuda or cuda:N"),
+}
+
+
+@dataclass
+class AlignOptions:
+    """Options every method has (``align`` reads them); a method's signature may name them too, without a
+    default (the default is stated here, once). Subclasses: one per method, made by :func:`align_method`."""
+
+    name: str = ""  # the method; each method's options class sets its own name as the default
+    seed_mode: str = "normalized"  # normalized: Ġ/▁/<0x..> reduced to bytes | raw: exact vocab strings (reference)
+    holdout: float = 0.1  # share of the seed dictionary held out to report P@1 (not used for fitting)
+    seed: int = 0  # of the held-out split
+    aux_vocab_cutoff: int | None = None  # only the first N aux ids (ordered by frequency) get rows; null: all
+    normalize_rows: bool = False  # rows rescaled to sum to one (reference: false, projected mass is not 1)
+
+    def __post_init__(self) -> None:
+        method = ALIGN_METHODS.get(self.name)
+        if method is None:
+            raise FusionlabError(f"align_method.name={self.name!r} is not an alignment method; use one of "
+                                 f"{sorted(ALIGN_METHODS)} (align_method=<name>).")
+        if type(self) is not method.options:
+            raise FusionlabError(f"align_method.name={self.name!r} does not match the selected method's options "
+                                 f"({type(self).__name__}); pick the method with align_method={self.name}.")
+        for f in dataclasses.fields(self):
+            check = OPTION_CHECKS.get(f.name)
+            value = getattr(self, f.name)
+            if check is not None and not check[0](value):
+                raise FusionlabError(f"align_method.{f.name}={value!r} is out of range for method {self.name!r}: "
+                                     f"it must be {check[1]}.")
+
+    def method_params(self) -> dict[str, Any]:
+        """The keyword arguments of the method function (its own options and the shared ones it names)."""
+        return {n: getattr(self, n) for n in ALIGN_METHODS[self.name].params}
+
+    def key_params(self) -> dict[str, Any]:
+        """Everything that determines the alignment's content (its cache key)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in ("name", *EXECUTION_OPTIONS)}
+
+
+@dataclass(frozen=True)
+class AlignMethod:
+    fn: Callable[..., Alignment]
+    options: type[AlignOptions]
+    params: tuple[str, ...]  # keyword-only parameters of fn that are options
+    runtime: tuple[str, ...]  # keyword-only parameters of fn among RUNTIME_ARGS
+
+
+ALIGN_METHODS: dict[str, AlignMethod] = {}
+
+
+def align_method(fn: Callable[..., Alignment]) -> Callable[..., Alignment]:
+    """Register ``fn`` as the alignment method ``fn.__name__``, its options read from its signature."""
+    hints = typing.get_type_hints(fn)
+    shared = {f.name for f in dataclasses.fields(AlignOptions)}
+    own, params, runtime = [], [], []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+            continue
+        if p.name in RUNTIME_ARGS:
+            runtime.append(p.name)
+            continue
+        params.append(p.name)
+        if p.name in shared:
+            if p.default is not inspect.Parameter.empty:
+                raise TypeError(f"{fn.__name__}: shared option {p.name!r} takes its default from AlignOptions")
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise TypeError(f"{fn.__name__}: option {p.name!r} needs a default")
+        own.append((p.name, hints[p.name], field(default=p.default)))
+    cls_name = "".join(part.title() for part in fn.__name__.split("_")) + "Options"
+    cls = dataclasses.make_dataclass(cls_name, [("name", str, field(default=fn.__name__)), *own], bases=(AlignOptions,),
+                                     namespace={"__doc__": f"Options of the {fn.__name__!r} alignment method."})
+    cls.__module__ = __name__
+    globals()[cls_name] = cls  # importable by name: configs holding it can be pickled (multirun launchers)
+    ALIGN_METHODS[fn.__name__] = AlignMethod(fn, cls, tuple(params), tuple(runtime))
+    return fn
+
+
+def align_options(method: str | AlignOptions = "vecmap_csls", **params: Any) -> AlignOptions:
+    """The typed options of ``method`` from keyword values (unknown options are named), or ``method`` itself."""
+    if isinstance(method, AlignOptions):
+        if params:
+            return dataclasses.replace(method, **params)
+        return method
+    if method not in ALIGN_METHODS:
+        raise FusionlabError(f"Unknown align method {method!r}; use one of {sorted(ALIGN_METHODS)}.")
+    options = ALIGN_METHODS[method].options
+    known = {f.name for f in dataclasses.fields(options)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise FusionlabError(f"Unknown align_method option(s) {unknown} for method {method!r}; "
+                             f"valid options are {sorted(known - {'name'})}.")
+    return options(**{"name": method, **params})
 
 
 def _vocab_sizes(aux_model, main_model) -> tuple[int, int]:
@@ -31,15 +158,19 @@ def _rows_limit(n: int, cutoff: int | None) -> int:
     return n if not cutoff else min(int(cutoff), n)
 
 
-def vecmap_csls(aux_model, aux_tok, main_model, main_tok, *, seed_mode: str = "normalized", holdout: float = 0.1,
-                seed: int = 0, k: int = 10, neighborhood: int = 1, threshold: float = 0.1,
-                std_filter: tuple[int, float] | None = (5, 0.01), whiten: bool = True, reweight: float = 0.5,
-                dim: int | None = None, aux_vocab_cutoff: int | None = None, block: int = 1024,
-                device: str | None = None, progress: bool = False, **_: Any) -> Alignment:
+@align_method
+def vecmap_csls(aux_model, aux_tok, main_model, main_tok, *, seed_mode: str, holdout: float, seed: int,
+                aux_vocab_cutoff: int | None, k: int = 10, neighborhood: int = 1, threshold: float = 0.1,
+                std_filter: list[float] | None = (5, 0.01), whiten: bool = True, reweight: float = 0.5,
+                dim: int | None = None, block: int = 1024, device: str | None = None,
+                progress: bool = False) -> Alignment:
     """EVA: supervised VecMap on the output embeddings, then CSLS top-k per aux token (ALGORITHMS.md §1).
 
-    The CSLS passes (two aux_vocab × main_vocab × dim products, the whole cost) run on ``device``
-    (default: the main model's device, so a GPU builds the full 262k × 49k pair in seconds).
+    ``k`` main tokens kept per aux token; CSLS ``neighborhood`` (EVA: 1); scores below ``threshold``
+    dropped; ``std_filter`` [n, s] drops rows with > n kept scores whose std <= s; ``dim`` keeps the
+    leading mapped dims (VecMap's --dim_reduction). The CSLS passes (two aux_vocab × main_vocab × dim
+    products, the whole cost) run on ``device`` (default: the main model's device, so a GPU builds the
+    full 262k × 49k pair in seconds), ``block`` aux rows at a time.
     """
     x, z = output_embeddings(aux_model).float().cpu(), output_embeddings(main_model).float().cpu()
     device = torch.device(device) if device else output_embeddings(main_model).device
@@ -71,45 +202,41 @@ def vecmap_csls(aux_model, aux_tok, main_model, main_tok, *, seed_mode: str = "n
     return Alignment(cols, vals, n_main, "vecmap_csls", stats)
 
 
-def exact(aux_model, aux_tok, main_model, main_tok, *, seed_mode: str = "normalized",
-          aux_vocab_cutoff: int | None = None, **_: Any) -> Alignment:
-    """Each aux token maps to the main token with the same surface form (weight 1), else nowhere."""
-    n_aux, n_main = _vocab_sizes(aux_model, main_model)
-    pairs = seed_dictionary(aux_tok, main_tok, seed_mode, n_aux, n_main, aux_limit=_rows_limit(n_aux, aux_vocab_cutoff))
-    cols = torch.full((n_aux, 1), -1, dtype=torch.long)
-    cols[pairs[:, 0], 0] = pairs[:, 1]
-    return Alignment(cols, (cols >= 0).float(), n_main, "exact", {"seed_pairs": int(pairs.shape[0])})
-
-
-def mined(aux_model, aux_tok, main_model, main_tok, *, seed_mode: str = "normalized",
-          aux_vocab_cutoff: int | None = None, block: int = 2048, progress: bool = False, **_: Any) -> Alignment:
-    """MinED (FuseLLM): exact matches first, every other aux token to the main token at minimum edit distance."""
-    import numpy as np
-    from rapidfuzz import process
-    from rapidfuzz.distance import Levenshtein
-    from tqdm.auto import tqdm
-
-    n_aux, n_main = _vocab_sizes(aux_model, main_model)
-    limit = _rows_limit(n_aux, aux_vocab_cutoff)
+def _exact_cols(aux_tok, main_tok, seed_mode: str, n_aux: int, n_main: int, limit: int) -> tuple[torch.Tensor, int]:
+    """(aux_vocab, 1) main ids of the tokens both vocabularies spell the same (-1: none), and their count."""
     pairs = seed_dictionary(aux_tok, main_tok, seed_mode, n_aux, n_main, aux_limit=limit)
     cols = torch.full((n_aux, 1), -1, dtype=torch.long)
     cols[pairs[:, 0], 0] = pairs[:, 1]
+    return cols, int(pairs.shape[0])
+
+
+@align_method
+def exact(aux_model, aux_tok, main_model, main_tok, *, seed_mode: str, aux_vocab_cutoff: int | None) -> Alignment:
+    """Each aux token maps to the main token with the same surface form (weight 1), else nowhere."""
+    n_aux, n_main = _vocab_sizes(aux_model, main_model)
+    cols, n_pairs = _exact_cols(aux_tok, main_tok, seed_mode, n_aux, n_main, _rows_limit(n_aux, aux_vocab_cutoff))
+    return Alignment(cols, (cols >= 0).float(), n_main, "exact", {"seed_pairs": n_pairs})
+
+
+@align_method
+def mined(aux_model, aux_tok, main_model, main_tok, *, seed_mode: str, aux_vocab_cutoff: int | None,
+          progress: bool = False) -> Alignment:
+    """MinED (FuseLLM): exact matches first, every other aux token to the main token at minimum edit distance
+    (of the texts the tokens stand for; main control tokens are never targets)."""
+    n_aux, n_main = _vocab_sizes(aux_model, main_model)
+    limit = _rows_limit(n_aux, aux_vocab_cutoff)
+    cols, n_pairs = _exact_cols(aux_tok, main_tok, seed_mode, n_aux, n_main, limit)
     a_text = [b.decode("utf-8", "replace") if b is not None else None for b in token_bytes(aux_tok, n_aux)]
     m_bytes = token_bytes(main_tok, n_main)
     m_special = special_ids(main_tok)
     m_ids = [j for j in range(n_main) if m_bytes[j] and j not in m_special]
-    m_text = [m_bytes[j].decode("utf-8", "replace") for j in m_ids]
     a_special = special_ids(aux_tok)
     todo = [i for i in range(limit) if cols[i, 0] < 0 and a_text[i] and i not in a_special]
-    for start in tqdm(range(0, len(todo), block), desc="MinED", disable=not progress, leave=False):
-        ids = todo[start:start + block]
-        d = process.cdist([a_text[i] for i in ids], m_text, scorer=Levenshtein.distance, dtype=np.int32, workers=-1)
-        cols[torch.tensor(ids), 0] = torch.tensor(m_ids)[torch.from_numpy(d.argmin(axis=1))]
-    return Alignment(cols, (cols >= 0).float(), n_main, "mined",
-                     {"seed_pairs": int(pairs.shape[0]), "mined_rows": len(todo)})
-
-
-ALIGN_METHODS: dict[str, Callable[..., Alignment]] = {"vecmap_csls": vecmap_csls, "exact": exact, "mined": mined}
+    m_text = [m_bytes[j].decode("utf-8", "replace") for j in m_ids]
+    nearest = nearest_by_edit_distance([a_text[i] for i in todo], m_text, progress=progress)
+    if todo:
+        cols[torch.tensor(todo), 0] = torch.tensor(m_ids)[torch.from_numpy(nearest)]
+    return Alignment(cols, (cols >= 0).float(), n_main, "mined", {"seed_pairs": n_pairs, "mined_rows": len(todo)})
 
 
 def _map_specials(alignment: Alignment, aux_tok, main_tok, aux_eos_ids=()) -> int:
@@ -135,44 +262,40 @@ def _map_specials(alignment: Alignment, aux_tok, main_tok, aux_eos_ids=()) -> in
     return len(pairs)
 
 
-def align(aux_model, aux_tok, main_model, main_tok, method: str = "vecmap_csls", *, normalize_rows: bool = False,
-          cache_dir: str | Path | None = None, rebuild: bool = False, aux_eos_ids=(),
+def align(aux_model, aux_tok, main_model, main_tok, method: str | AlignOptions = "vecmap_csls", *,
+          cache_dir: str | Path | None = None, rebuild: bool = False, aux_eos_ids=(), progress: bool = False,
           **params: Any) -> Alignment:
     """Build (or load from ``cache_dir``) the projection of ``aux`` onto ``main``'s vocabulary.
 
-    The cache key hashes both tokenizers, both output embedding matrices and every setting,
-    so a changed model or option never reuses an old file.
+    ``method`` is a method name with its options as keyword arguments, or an :class:`AlignOptions`
+    (e.g. the composed ``align_method`` node). The cache key hashes both tokenizers, both output
+    embedding matrices and every option, so a changed model or option never reuses an old file.
     """
-    if method not in ALIGN_METHODS:
-        raise FusionlabError(f"Unknown align method {method!r}; use one of {sorted(ALIGN_METHODS)}.")
-    fn = inspect.signature(ALIGN_METHODS[method]).parameters
-    known = {n for n, p in fn.items() if p.kind is inspect.Parameter.KEYWORD_ONLY} | {"holdout", "seed", "seed_mode"}
-    unknown = sorted(set(params) - known)
-    if unknown:  # the methods accept **_ (shared options), so a typo would otherwise be ignored silently
-        raise FusionlabError(f"Unknown align_method option(s) {unknown} for method {method!r}; "
-                             f"valid options are {sorted(known | {'normalize_rows', 'cache_dir', 'rebuild'})}.")
+    options = align_options(method, **params)
+    spec = ALIGN_METHODS[options.name]
     n_aux, n_main = _vocab_sizes(aux_model, main_model)
-    key_params = {**{k: v for k, v in params.items() if k not in ("progress", "block", "device")},
-                  "normalize_rows": normalize_rows, "aux_eos_ids": sorted(int(i) for i in aux_eos_ids)}
-    key = cache_key(method, key_params, tokenizer_hash(aux_tok), tokenizer_hash(main_tok),
+    key_params = {**options.key_params(), "aux_eos_ids": sorted(int(i) for i in aux_eos_ids)}
+    key = cache_key(options.name, key_params, tokenizer_hash(aux_tok), tokenizer_hash(main_tok),
                     embeddings_hash(aux_model), embeddings_hash(main_model))
 
     def build() -> Alignment:
         start = time.perf_counter()
-        result = ALIGN_METHODS[method](aux_model, aux_tok, main_model, main_tok, **params)
+        runtime = {"progress": progress} if "progress" in spec.runtime else {}
+        result = spec.fn(aux_model, aux_tok, main_model, main_tok, **options.method_params(), **runtime)
         n_special = _map_specials(result, aux_tok, main_tok, aux_eos_ids)
-        if normalize_rows:
+        if options.normalize_rows:
             result = result.normalized()
         mapped = (result.cols >= 0).any(dim=1)
         result.stats.update({"build_s": round(time.perf_counter() - start, 3), "special_pairs": n_special,
                              "rows_mapped": int(mapped.sum()), "rows_total": n_aux,
                              "nnz": int((result.cols >= 0).sum())})
         if "p_at_1" not in result.stats:  # methods without a fitted map: P@1 of the map on the same held-out pairs
-            pairs = seed_dictionary(aux_tok, main_tok, params.get("seed_mode", "normalized"), n_aux, n_main)
-            _, test = split_seed(pairs, params.get("holdout", 0.1), params.get("seed", 0))
+            pairs = seed_dictionary(aux_tok, main_tok, options.seed_mode, n_aux, n_main)
+            _, test = split_seed(pairs, options.holdout, options.seed)
             best = result.cols.gather(1, result.vals.argmax(dim=1, keepdim=True))[:, 0]
-            result.stats["p_at_1"] = float((best[test[:, 0]] == test[:, 1]).float().mean()) if len(test) else float("nan")
-        log.info("Built %s alignment (%d aux -> %d main tokens) in %.1f s: %s", method, n_aux, n_main,
+            hits = (best[test[:, 0]] == test[:, 1]).float()
+            result.stats["p_at_1"] = float(hits.mean()) if len(test) else float("nan")
+        log.info("Built %s alignment (%d aux -> %d main tokens) in %.1f s: %s", options.name, n_aux, n_main,
                  result.stats["build_s"], result.stats)
         return result
 

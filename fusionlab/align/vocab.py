@@ -5,6 +5,10 @@ a printable stand-in; SentencePiece (Llama-2, Gemma) spells it ``▁`` and falls
 byte tokens. Comparing raw strings (the EVA reference) therefore finds almost no anchors
 between the two families. Here every token is reduced to the bytes it stands for, which is
 also what the ensemble decoder needs to turn a main-model token into text exactly.
+
+The two matchings every alignment builds on live here once: :func:`surface_index` (exact match:
+EVA's seed dictionary and ``exact`` method, FuseChat's EM) and :func:`nearest_by_edit_distance`
+(MinED: EVA's ``mined`` method, FuseChat's ``mined`` mapping).
 """
 from __future__ import annotations
 
@@ -12,7 +16,9 @@ import hashlib
 import json
 import re
 from functools import lru_cache
+from typing import Collection, Sequence
 
+import numpy as np
 import torch
 
 from fusionlab.errors import FusionlabError
@@ -128,18 +134,64 @@ def tokenizer_hash(tokenizer) -> str:
     return tokenizer.__dict__["_fusionlab_hash"]
 
 
-def _surface_index(tokens: list, surfaces: list, specials: set[int], limit: int | None) -> dict:
-    """surface -> id; on duplicates keep the shortest raw spelling (``\\n`` over ``<0x0A>``)."""
+def surface_index(surfaces: Sequence, raw: Sequence | None = None, skip: Collection[int] = (),
+                  limit: int | None = None) -> dict:
+    """surface -> token id: fusionlab's one exact-match index (EVA's seed dictionary, FuseChat's EM).
+
+    Empty or undefined surfaces and the ids in ``skip`` never match; only the first ``limit`` ids
+    are indexed. A surface spelled by several ids keeps the shortest ``raw`` spelling (``\\n`` over
+    ``<0x0A>``), else the first id.
+    """
     index: dict = {}
     n = len(surfaces) if limit is None else min(limit, len(surfaces))
     for i in range(n):
         s = surfaces[i]
-        if s is None or i in specials or s in (b"", ""):
+        if s is None or i in skip or s in (b"", ""):
             continue
         j = index.get(s)
-        if j is None or len(tokens[i]) < len(tokens[j]):
+        if j is None or (raw is not None and len(raw[i]) < len(raw[j])):
             index[s] = i
     return index
+
+
+def nearest_by_edit_distance(queries: Sequence[str], candidates: Sequence[str], max_cells: int = 2**26,
+                             progress: bool = False) -> np.ndarray:
+    """For each query, the index of the candidate at minimum Levenshtein distance (the first on ties).
+
+    MinED's core (FuseLLM), shared by EVA's ``mined`` alignment and FuseChat's ``mined`` mapping:
+    rapidfuzz's C ``cdist`` over blocks of queries, each block at most ``max_cells`` distances
+    (256 MB of int32), so a 262k-token candidate vocabulary never needs a full distance matrix.
+    """
+    from rapidfuzz import process
+    from rapidfuzz.distance import Levenshtein
+    from tqdm.auto import tqdm
+
+    out = np.zeros(len(queries), dtype=np.int64)
+    if not len(queries):
+        return out
+    if not len(candidates):
+        raise FusionlabError("MinED needs at least one candidate token to map onto; the target vocabulary is empty.")
+    block = max(1, max_cells // len(candidates))
+    for start in tqdm(range(0, len(queries), block), desc="MinED", disable=not progress, leave=False):
+        d = process.cdist(queries[start:start + block], candidates, scorer=Levenshtein.distance, dtype=np.int32,
+                          workers=-1)
+        out[start:start + block] = d.argmin(axis=1)
+    return out
+
+
+def token_surfaces(tokenizer) -> list[str]:
+    """The surface of every id of ``tokenizer``: its bytes (:func:`token_bytes`) as a latin-1 str.
+
+    One char = one byte, so byte-level BPE and SentencePiece tokens of the same text compare equal
+    (``Ġhello`` and ``▁hello`` are both ``" hello"``) and edit distances count bytes, as FuseChat's
+    token and vocabulary alignment need; special tokens keep their literal text, undefined ids are "".
+    """
+    return [b.decode("latin-1") if b is not None else "" for b in token_bytes(tokenizer)]
+
+
+def strip_marker(surface: str) -> str:
+    """Drop the word-start space (the FuseChat reference strips Ġ/▁ before comparing tokens)."""
+    return surface[1:] if surface.startswith(" ") and len(surface) > 1 else surface
 
 
 def seed_dictionary(aux_tokenizer, main_tokenizer, mode: str = "normalized", aux_size: int | None = None,
@@ -156,8 +208,8 @@ def seed_dictionary(aux_tokenizer, main_tokenizer, mode: str = "normalized", aux
         a_surf, m_surf = a_tok, m_tok
     else:
         a_surf, m_surf = token_bytes(aux_tokenizer, aux_size), token_bytes(main_tokenizer, main_size)
-    a_idx = _surface_index(a_tok, a_surf, special_ids(aux_tokenizer), aux_limit)
-    m_idx = _surface_index(m_tok, m_surf, special_ids(main_tokenizer), None)
+    a_idx = surface_index(a_surf, a_tok, special_ids(aux_tokenizer), aux_limit)
+    m_idx = surface_index(m_surf, m_tok, special_ids(main_tokenizer))
     pairs = sorted((a, m_idx[s]) for s, a in a_idx.items() if s in m_idx)
     if not pairs:
         raise FusionlabError(

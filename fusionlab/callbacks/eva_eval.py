@@ -1,7 +1,8 @@
-"""Lightning callback: EVA-ensemble accuracy of the model being trained, at checkpoints or validation.
+"""Lightning callback: EVA-ensemble score of the model being trained, at checkpoints or validation.
 
-Reuses :class:`~fusionlab.ensemble.EvaDecoder` with the module's current model as the main
-model and fixed aux models (alignments built once, cached on disk), on a few task examples.
+Reuses :func:`~fusionlab.ensemble.evaluate_ensemble` (the ``ensemble`` job's evaluation) with the
+module's current model as the main model and fixed aux models (alignments built once per main
+lm_head, cached on disk), on a few task examples.
 """
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from typing import Any
 import torch
 
 from fusionlab.callbacks.base import EvalCallback
-from fusionlab.ensemble import EvaDecoder, align_members
-from fusionlab.models import ModelSpec, cache_dir, load_model
-from fusionlab.tasks import load_examples, score, task_prompts
+from fusionlab.ensemble import DecodingOptions, Member, align_members, evaluate_ensemble
+from fusionlab.models import cache_dir, load_model
+from fusionlab.tasks import get_task, load_examples
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,8 @@ class EvaEvalCallback(EvalCallback):
 
     Runs at each checkpoint (default) or validation end (``trigger``); logs ``eva_eval/<metric>``.
     The aux models load once; the main's alignment is rebuilt whenever its lm_head changed
-    (the cache key hashes it), so ``align_method: exact`` is the cheap default.
+    (the cache key hashes it), so ``align_method: exact`` is the cheap default. ``decoder`` holds
+    :class:`~fusionlab.ensemble.DecodingOptions` fields, checked when the callback is built.
     """
 
     checkpoint_key = "eva_eval"
@@ -34,39 +36,38 @@ class EvaEvalCallback(EvalCallback):
                  cache_dir: str | None = None, trigger: str = "checkpoint"):
         super().__init__(trigger=trigger)
         self.task, self.limit, self.aux_specs = task, limit, aux or {}
+        self.metric = get_task(task).metric
         self.align_method, self.align_params = align_method, align_params or {}
         self.max_new_tokens = max_new_tokens
-        self.main_use_chat_template, self.decoder_kwargs = main_use_chat_template, decoder or {}
+        self.main_use_chat_template = main_use_chat_template
+        self.options = DecodingOptions(**(decoder or {}))
         self.cache_dir = cache_dir  # alignment cache; None: $FUSIONLAB_CACHE/align
-        self._aux = None
+        self._aux: list[Member] | None = None
 
-    def _main(self, pl_module):
+    def _main(self, pl_module) -> Member:
         model = getattr(pl_module, "model", pl_module)
         tok = getattr(pl_module, "tokenizer", None)
         if tok is None:
             raise AttributeError("EvaEvalCallback needs pl_module.tokenizer (the main model's tokenizer)")
-        return model, tok
+        return Member("main", model, tok, self.main_use_chat_template)
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> dict[str, float]:
-        model, tok = self._main(pl_module)
-        was_training = model.training
-        model.eval()
+        main = self._main(pl_module)
+        was_training = main.model.training
+        main.model.eval()
         try:
-            if self._aux is None:  # fixed for the whole fit: aux models, examples, aux prompts
-                self._aux = [load_model(ModelSpec.from_dict({"name": n, **s})) for n, s in self.aux_specs.items()]
+            if self._aux is None:  # fixed for the whole fit: aux models and examples
+                self._aux = [Member(n, *load_model({"name": n, **s}), s.get("use_chat_template", True))
+                             for n, s in self.aux_specs.items()]
                 self._examples = load_examples(self.task, limit=self.limit)
-                self._aux_prompts = [task_prompts(self.task, self._examples, t, s.get("use_chat_template", True))
-                                     for (_, t), s in zip(self._aux, self.aux_specs.values())]
             # the main model changes while training: its alignment key (lm_head hash) changes too
-            alignments = align_members((model, tok), self._aux, self.align_method, self.align_params,
-                                       self.cache_dir or cache_dir() / "align")
-            examples = self._examples
-            prompts = [task_prompts(self.task, examples, tok, self.main_use_chat_template)] + self._aux_prompts
-            out = EvaDecoder((model, tok), self._aux, alignments, **self.decoder_kwargs).generate(
-                prompts, max_new_tokens=self.max_new_tokens)
-            scores, _ = score(self.task, out.texts, examples)
+            alignments = align_members((main.model, main.tokenizer), [(a.model, a.tokenizer) for a in self._aux],
+                                       self.align_method, self.align_params, self.cache_dir or cache_dir() / "align")
+            report = evaluate_ensemble([main, *self._aux], alignments, self.task, self._examples, self.options,
+                                       self.max_new_tokens, batch_size=len(self._examples), eval_members=False)
         finally:
-            model.train(was_training)
-        log.info("EVA eval at step %d: %s", trainer.global_step, scores)
-        return {f"eva_eval/{k}": float(v) for k, v in scores.items() if isinstance(v, (int, float)) and k != "n"}
+            main.model.train(was_training)
+        value = float(report.metrics[f"ensemble_{self.metric}"])
+        log.info("EVA eval at step %d: %s=%.4f", trainer.global_step, self.metric, value)
+        return {f"eva_eval/{self.metric}": value}

@@ -71,9 +71,11 @@ class MergeCallback(EvalCallback):
             raise FusionlabError("MergeCallback mode=add needs a chat vector: chat_vector=<dir extracted by "
                                  "fusionlab> or chat_base=<pre-trained model> and chat=<its chat fine-tune>.")
         if mode == "merge":
-            m = get_method(method)  # unknown method: fail before training starts
+            m = get_method(method)  # unknown method or parameter: fail before training starts
             if model_parameters is None and "weight" in m.per_model:
                 model_parameters = {"weight": 1.0}
+            m.check_names(parameters, "MergeCallback parameters")
+            m.check_names(model_parameters, "MergeCallback model_parameters", one_model=True)
         if keep_last is not None and int(keep_last) < 1:
             raise FusionlabError(f"MergeCallback keep_last={keep_last}: keep at least 1 (or null for all).")
         self.mode, self.method, self.base = mode, method, base
@@ -141,7 +143,7 @@ class MergeCallback(EvalCallback):
 
     def merge_now(self, trainer, pl_module) -> dict[str, float]:
         """Export, merge, score; returns the metrics (rank zero only)."""
-        from fusionlab.merge.derive import perplexity
+        from fusionlab.metrics.perplexity import perplexity
 
         root = self._root(trainer)
         root.mkdir(parents=True, exist_ok=True)

@@ -1,82 +1,129 @@
-"""Typed settings of the distill job; unknown keys fail with their name (a typo here wastes a GPU run)."""
+"""Typed settings of the distill and fusechat_merge jobs: every value checked in ``__post_init__``, once.
+
+They type the composed ``distill:`` and ``fusechat_merge:`` nodes (:class:`fusionlab.schema.RootConfig`),
+so an unknown key or a value of the wrong type fails while Hydra composes and a bad value (λ outside
+[0, 1], an unknown fusion mode, a missing data file) when the config is built, before any model loads.
+Each default is stated here; ``conf/distill/default.yaml`` states only what differs.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from fusionlab.align.mapping import MappingConfig
+from fusionlab.distill.conversations import SHIPPED_CONVERSATIONS, find_conversations
+from fusionlab.distill.loss import check_loss_options
 from fusionlab.errors import FusionlabError
+from fusionlab.merge.derive import PerplexityEval
+from fusionlab.models import ModelSpec
+
+NO_RESUME = ("false", "none", "null", "")
+AUTO_RESUME = ("auto", "last", "true")
 
 
-def _strict(cls, d: dict[str, Any], where: str):
-    d = dict(d or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise FusionlabError(f"Unknown option(s) {unknown} in {where}; valid options are {sorted(known)}.")
-    for f in fields(cls):
-        sub = f.metadata.get("nested")
-        if sub is not None and f.name in d and not is_dataclass(d[f.name]):
-            d[f.name] = _strict(sub, d[f.name], f"{where}.{f.name}")
-    return cls(**d)
+def _at_least(where: str, value: int | None, low: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value is None or value < low:
+        raise FusionlabError(f"{where}={value} must be >= {low}{' (or null)' if optional else ''}.")
 
 
 @dataclass
 class DataConfig:
-    path: str = "???"
+    path: str = SHIPPED_CONVERSATIONS  # a jsonl of conversations; relative: to the cwd, else to the fusionlab checkout
     limit: int | None = None  # first N conversations
     max_length: int = 512  # pivot tokens per sample (the text is cut, so every model sees the same characters)
     val_size: int = 0  # first N fused samples held out for val/loss
 
-
-@dataclass
-class AlignConfig:
-    """Token + vocabulary alignment (the ``align_method`` group, fusechat_* files)."""
-
-    family: str = "fusechat"
-    method: str = "ms"  # em | mined | ms
-    substring_weight: float = 0.1
-    one_to_one: bool = True  # also use 1-1 DTW pairs whose spans end at different characters
-    min_exact_rate: float = 0.2  # below this a source counts as not alignable
+    def __post_init__(self) -> None:
+        find_conversations(self.path)
+        _at_least("distill.data.limit", self.limit, 1, optional=True)
+        _at_least("distill.data.max_length", self.max_length, 2)
+        _at_least("distill.data.val_size", self.val_size, 0)
 
 
 @dataclass
 class DistillConfig:
-    pivot: dict[str, Any] = field(default_factory=dict)  # a ModelSpec dict (conf/model/*)
-    sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> ModelSpec dict
-    data: DataConfig = field(default_factory=DataConfig, metadata={"nested": DataConfig})
-    topk: int = 10
-    shard_size: int = 64
+    # The model trained: a ModelSpec, ``${model}`` in conf (typed Any only because OmegaConf cannot type-check an
+    # interpolation to another typed node while Hydra merges; __post_init__ checks it).
+    pivot: Any = None
+    sources: dict[str, ModelSpec] = field(default_factory=dict)  # name -> source model (/model@distill.sources.<name>)
+    data: DataConfig = field(default_factory=DataConfig)
+    mapping: MappingConfig = field(default_factory=MappingConfig)  # token + vocabulary alignment (distill/mapping=)
+    topk: int = 10  # logits kept per token and model
+    shard_size: int = 64  # samples per representation shard (the unit of resume)
     extract_batch_size: int = 1
     source_add_bos: bool = True  # prepend the source's BOS (base models expect it)
-    cache_dir: str | None = None  # default: $FUSIONLAB_CACHE/distill/<key>
-    lam: float = 0.9  # weight of CLM; (1 - lam) on the fusion term
-    temperature: float = 1.0
+    cache_dir: str | None = None  # default: $FUSIONLAB_CACHE/distill/<hash of models + data + settings>
+    lam: float = 0.9  # L = lam·CLM + (1 − lam)·fusion
+    temperature: float = 1.0  # target = softmax(topk_logits / temperature)
     loss_type: str = "ce"  # ce | kl
     fusion_mode: str = "min_ce"  # min_ce (FuseChat pairwise / FuseLLM MinCE) | avg_ce | pivot
-    pairwise_source: str | None = None  # FuseChat: candidates = pivot + this one source
+    pairwise_source: str | None = None  # FuseChat pairwise with several sources: candidates = pivot + this one
     batch_size: int = 2
     num_workers: int = 0
-    lora: dict[str, Any] | None = None  # peft LoraConfig kwargs, e.g. {r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}
+    lora: dict[str, Any] | None = None  # peft LoraConfig kwargs, e.g. {r: 8, lora_alpha: 16, target_modules: [q_proj]}
     gradient_checkpointing: bool = False
-    resume: Any = "auto"  # auto: <output_dir>/checkpoints/last.ckpt if present | false | a .ckpt path
+    resume: str | None = "auto"  # auto: <output_dir>/checkpoints/last.ckpt if present | false | a .ckpt path
     export_model: bool = True  # save_pretrained the trained pivot to <output_dir>/model
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
-        c = _strict(cls, d, "distill")
-        if not c.pivot:
-            raise FusionlabError("distill.pivot is empty; set it to a model config (e.g. model=smollm2_135m).")
-        if not c.sources:
-            raise FusionlabError("distill.sources is empty; add at least one source model.")
-        if c.pairwise_source is not None and c.pairwise_source not in c.sources:
-            raise FusionlabError(f"distill.pairwise_source={c.pairwise_source!r} is not one of the sources {sorted(c.sources)}.")
-        return c
+    def __post_init__(self) -> None:
+        if isinstance(self.pivot, dict):
+            self.pivot = ModelSpec(**self.pivot)
+        if not isinstance(self.pivot, ModelSpec):
+            raise FusionlabError(f"distill.pivot={self.pivot!r} is not a model config; leave it at ${{model}} (the "
+                                 "`model` config: model=<name>) or give a model spec.")
+        if not self.sources:
+            raise FusionlabError("distill.sources is empty; add at least one source model, e.g. "
+                                 "'+model@distill.sources.gemma3_270m=gemma3_270m'.")
+        if self.pairwise_source is not None and self.pairwise_source not in self.sources:
+            raise FusionlabError(f"distill.pairwise_source={self.pairwise_source!r} is not one of the sources "
+                                 f"{sorted(self.sources)}.")
+        check_loss_options(self.lam, self.temperature, self.loss_type, self.fusion_mode)
+        for key in ("topk", "shard_size", "extract_batch_size", "batch_size"):
+            _at_least(f"distill.{key}", getattr(self, key), 1)
+        _at_least("distill.num_workers", self.num_workers, 0)
+        self.resume_checkpoint(Path("."))  # a resume path that does not exist fails now, not after extraction
+
+    def resume_checkpoint(self, output_dir: Path) -> str | None:
+        """The checkpoint a fit in ``output_dir`` resumes from (``resume``: auto | false | a path), or None."""
+        value = "false" if self.resume is None else str(self.resume).strip()
+        if value.lower() in NO_RESUME:
+            return None
+        if value.lower() in AUTO_RESUME:
+            last = Path(output_dir) / "checkpoints" / "last.ckpt"
+            return str(last) if last.exists() else None
+        path = Path(value).expanduser()
+        if not path.exists():
+            raise FusionlabError(f"distill.resume={value!r} does not exist; give a .ckpt path, auto or false.")
+        return str(path)
 
 
-def align_config(d: dict[str, Any] | None) -> AlignConfig:
-    d = dict(d or {})
-    if d.get("family", "fusechat") != "fusechat":
-        raise FusionlabError(f"align_method {d.get('name', d)!r} is not a FuseChat method; the distill job needs "
-                             "align_method=fusechat_ms, fusechat_mined or fusechat_em.")
-    d.pop("name", None)
-    return _strict(AlignConfig, d, "align_method")
+@dataclass
+class PairwiseTarget:
+    """One FuseChat pairwise fusion target: the distill pipeline on some rows, with some settings changed."""
+
+    rows: list[int] | None = None  # [start, stop] of distill.data.path (null: all of it)
+    distill: dict[str, Any] = field(default_factory=dict)  # distill settings of this target, e.g. {pairwise_source: x}
+
+    def __post_init__(self) -> None:
+        if self.rows is not None and not (1 <= len(self.rows) <= 2 and all(r >= 0 for r in self.rows)):
+            raise FusionlabError(f"fusechat_merge.pairwise.*.rows={list(self.rows)} must be [start, stop] "
+                                 "(row numbers >= 0 of distill.data.path) or null.")
+
+
+@dataclass
+class FuseChatMergeConfig:
+    targets: list[str] | None = None  # HF dirs of distilled pivots; null = make them from `pairwise`
+    pairwise: dict[str, PairwiseTarget] = field(default_factory=dict)  # name -> target made by the distill pipeline
+    eval: PerplexityEval | None = None  # perplexity of pivot, targets and merge (as the merge job's eval)
+
+    def __post_init__(self) -> None:
+        if not self.targets and not self.pairwise:
+            raise FusionlabError("fusechat_merge needs targets: [dir, ...] (distilled pivots) or pairwise: "
+                                 "{name: {rows, distill}} entries that the distill pipeline makes them from.")
+        for t in self.targets or []:
+            if not (Path(t).expanduser() / "config.json").is_file():
+                raise FusionlabError(f"fusechat_merge.targets entry {t!r} is not an HF checkpoint dir (no "
+                                     "config.json); give the distill run's <run dir>/model.")

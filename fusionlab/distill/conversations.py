@@ -14,8 +14,25 @@ from typing import Any
 from fusionlab.errors import FusionlabError
 from fusionlab.io import read_jsonl
 
+# The conversations shipped inside the package (64, ShareGPT format; source and license in its README.md).
+SHIPPED_CONVERSATIONS = "fusionlab/data/chat/fusechat_mini.jsonl"
+_CHECKOUT = Path(__file__).resolve().parents[2]  # the dir holding the fusionlab package
+
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "bot": "assistant", "model": "assistant", "system": "system"}
+
+
+def find_conversations(path: str | Path) -> Path:
+    """The conversation file ``path`` names: as given (absolute, or relative to the cwd), else relative
+    to the fusionlab checkout (so the shipped default works from any directory)."""
+    p = Path(path).expanduser()
+    if not p.is_file() and not p.is_absolute() and (_CHECKOUT / p).is_file():
+        p = _CHECKOUT / p
+    if not p.is_file():
+        raise FusionlabError(f"Conversation file {str(path)!r} does not exist; set distill.data.path "
+                             "to a jsonl with `conversations` or `messages` per line (default: the shipped "
+                             f"{SHIPPED_CONVERSATIONS}).")
+    return p
 
 
 def load_conversations(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -23,10 +40,7 @@ def load_conversations(path: str | Path, limit: int | None = None) -> list[dict[
 
     Returns ``[{"id": str, "messages": [{"role", "content"}]}]``.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FusionlabError(f"Conversation file {str(path)!r} does not exist; set distill.data.path "
-                             "to a jsonl with `conversations` or `messages` per line.")
+    path = find_conversations(path)
     rows = read_jsonl(path)
     out = []
     for n, row in enumerate(rows[: limit if limit else None]):

@@ -2,7 +2,7 @@
 
 At pivot position i with a usable source position j (spans end at the same character, or a
 1-1 DTW pair) the source's top-k ids at j are mapped into the pivot vocabulary (a vocab map
-from :mod:`fusionlab.distill.vocab`); unmapped ids and duplicates are dropped, keeping the
+from :mod:`fusionlab.align.mapping`); unmapped ids and duplicates are dropped, keeping the
 higher logit. Elsewhere the target is one-hot on the NEXT pivot token (FuseLLM used the
 current token: an off-by-one), i.e. the fusion loss falls back to the CLM loss there.
 Padding slots have id -1.
@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from fusionlab.distill.token_align import align_tokens
-from fusionlab.distill.vocab import build_vocab_map, count_coalignments, strip_marker
+from fusionlab.align.mapping import build_vocab_map, count_coalignments
+from fusionlab.align.token_align import align_tokens
+from fusionlab.align.vocab import strip_marker
 from fusionlab.errors import FusionlabError
 from fusionlab.io import atomic_path, atomic_write_text
 

@@ -13,8 +13,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fusionlab.errors import FusionlabError
+
 FUSION_MODES = ("min_ce", "avg_ce", "pivot")
 LOSS_TYPES = ("ce", "kl")
+
+
+def check_loss_options(lam: float, temperature: float, loss_type: str, fusion_mode: str) -> None:
+    """The one check of the loss settings (the distill config and the LightningModule both run it)."""
+    if fusion_mode not in FUSION_MODES:
+        raise FusionlabError(f"Unknown distill.fusion_mode {fusion_mode!r}; use one of {list(FUSION_MODES)}.")
+    if loss_type not in LOSS_TYPES:
+        raise FusionlabError(f"Unknown distill.loss_type {loss_type!r}; use one of {list(LOSS_TYPES)}.")
+    if not 0.0 <= lam <= 1.0:
+        raise FusionlabError(f"distill.lam={lam} must lie in [0, 1] (L = lam·CLM + (1 − lam)·fusion).")
+    if not temperature > 0:
+        raise FusionlabError(f"distill.temperature={temperature} must be > 0 (targets are softmax(logits / T)).")
 
 
 def candidate_weights(ce: torch.Tensor, mode: str) -> torch.Tensor:

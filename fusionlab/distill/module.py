@@ -16,7 +16,7 @@ from typing import Any, Callable
 import lightning as L
 import torch
 
-from fusionlab.distill.loss import FUSION_MODES, LOSS_TYPES, fusion_loss
+from fusionlab.distill.loss import check_loss_options, fusion_loss
 from fusionlab.errors import FusionlabError
 
 
@@ -51,14 +51,7 @@ class FuseLightningModule(L.LightningModule):
                  loss_type: str = "ce", fusion_mode: str = "min_ce", lora: dict[str, Any] | None = None,
                  gradient_checkpointing: bool = False):
         super().__init__()
-        if fusion_mode not in FUSION_MODES:
-            raise FusionlabError(f"Unknown distill.fusion_mode {fusion_mode!r}; use one of {FUSION_MODES}.")
-        if loss_type not in LOSS_TYPES:
-            raise FusionlabError(f"Unknown distill.loss_type {loss_type!r}; use one of {LOSS_TYPES}.")
-        if not 0.0 <= lam <= 1.0:
-            raise FusionlabError(f"distill.lam={lam} must lie in [0, 1] (weight of the CLM term).")
-        if temperature <= 0:
-            raise FusionlabError(f"distill.temperature={temperature} must be > 0.")
+        check_loss_options(lam, temperature, loss_type, fusion_mode)
         if gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()

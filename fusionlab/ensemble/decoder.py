@@ -1,8 +1,10 @@
 """EVA ensemble decoding: one main and N aux models, KV-cached, batched, exactly synchronised.
 
-Every step each model scores its own context, keeps its top-k tokens, aux distributions are
-projected into the main vocabulary (:class:`~fusionlab.align.Alignment`), the drop filter and a
-combiner pick one main token, and that token's TEXT is appended to every model's context.
+Every step each model scores its own context (the members concurrently), a candidate rule
+(:mod:`~fusionlab.ensemble.candidates`: EVA's own top-k, UniTE's union) puts every member's
+distribution into the main vocabulary through its :class:`~fusionlab.align.Alignment`, a gate
+(:mod:`~fusionlab.ensemble.gates`) says whether this step is ensembled at all, the drop filter and
+a combiner pick one main token, and that token's TEXT is appended to every model's context.
 Unlike the reference (full re-tokenisation and re-computation of every prompt each step,
 batch size 1), each model keeps a KV cache; an aux model only re-tokenises its last few
 tokens and rolls back the ones whose segmentation changed.
@@ -10,6 +12,7 @@ tokens and rolls back the ones whose segmentation changed.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -18,7 +21,10 @@ from tqdm.auto import tqdm
 
 from fusionlab.align.alignment import Alignment, output_embeddings
 from fusionlab.align.vocab import token_bytes, tokenizer_hash
-from fusionlab.ensemble.combine import COMBINERS, dense, drop_filter, topk_probs
+from fusionlab.ensemble.candidates import CANDIDATES, Projection
+from fusionlab.ensemble.combine import COMBINERS, dense, drop_filter, takes, topk_probs
+from fusionlab.ensemble.config import DecodingOptions
+from fusionlab.ensemble.gates import GATES, needs_members
 from fusionlab.ensemble.sync import TextSync
 from fusionlab.errors import FusionlabError
 
@@ -48,9 +54,11 @@ def align_members(main, aux: Sequence, method: str, params: dict[str, Any], cach
 class _Stream:
     """One model's batched context: KV cache + a slot mask (0 = padding or a hole)."""
 
-    def __init__(self, model, tokenizer, prompts: list[list[int]], use_cache: bool):
+    def __init__(self, model, tokenizer, prompts: list[list[int]], use_cache: bool, own_cuda_stream: bool = False):
         self.model, self.tokenizer, self.use_cache = model, tokenizer, use_cache
         self.device = next(model.parameters()).device
+        # members that run concurrently on one GPU need their own CUDA streams to overlap
+        self.cuda_stream = torch.cuda.Stream(self.device) if own_cuda_stream and self.device.type == "cuda" else None
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.seqs = [list(p) for p in prompts]  # real tokens per row (what the model has seen or will see)
         self.slots: list[list[int]] = [[] for _ in prompts]  # cache slot of each fed token
@@ -86,6 +94,15 @@ class _Stream:
         if self.cache is not None:
             for layer in self.cache.layers:
                 layer.batch_select_indices(rows.to(self.device))
+
+    def logits_on_own_stream(self) -> torch.Tensor:
+        """:meth:`logits`, on this member's CUDA stream when it has one (finished before returning)."""
+        if self.cuda_stream is None:
+            return self.logits()
+        with torch.cuda.stream(self.cuda_stream):
+            out = self.logits()
+        self.cuda_stream.synchronize()
+        return out
 
     @torch.inference_mode()
     def logits(self) -> torch.Tensor:
@@ -163,35 +180,53 @@ class EnsembleOutput:
     texts: list[str]
     new_tokens: list[int]
     seconds: float
-    stats: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)  # counts; summarize() turns them into shares
 
     @property
     def tokens_per_s(self) -> float:
         return sum(self.new_tokens) / self.seconds if self.seconds > 0 else 0.0
 
 
+def add_stats(total: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    """Sum the counts of several ``generate`` calls (batches)."""
+    for k, v in stats.items():
+        total[k] = total.get(k, 0) + v
+    return total
+
+
+def summarize(stats: dict[str, Any]) -> dict[str, Any]:
+    """Shares from summed counts: the gate's firing rate, the drop filter's verdicts over the ensembled
+    row-steps, the aux forward passes skipped, and the aux mass that projected nowhere."""
+    out = {k: v for k, v in stats.items() if not k.startswith(("filter_", "aux_unmapped_"))}
+    rows, fired = max(stats.get("row_steps", 0), 1), stats.get("ensembled_row_steps", 0)
+    out["gate_fired_frac"] = round(fired / rows, 4)
+    out["aux_forward_frac"] = round(stats.get("aux_forward_steps", 0) / max(stats.get("steps", 0), 1), 4)
+    for k, v in stats.items():
+        if k.startswith("filter_"):
+            out[f"{k}_frac"] = round(v / max(fired, 1), 4)
+        elif k.startswith("aux_unmapped_"):
+            out[f"{k}_mass"] = round(v / max(stats.get("aux_row_steps", 0), 1), 4)
+    return out
+
+
 class EvaDecoder:
     """Ensemble decoding of ``main`` with ``aux`` models through vocabulary alignments.
 
     ``main`` and each of ``aux`` are ``(model, tokenizer)``; ``alignments[i]`` projects aux i's
-    vocabulary onto the main one. Options mirror the ``ensemble:`` config section.
+    vocabulary onto the main one. Options: a :class:`~fusionlab.ensemble.config.DecodingOptions`
+    (``options=``) or its fields as keywords. Each step runs the members concurrently (one thread
+    each, ``threads`` torch threads per member; CUDA members on their own streams), so a step costs
+    about the slowest member, not their sum.
     """
 
-    def __init__(self, main, aux=(), alignments: Sequence[Alignment] = (), *, topk: int = 320,
-                 drop: int | None = 5, combiner: str = "uniform", weights: Sequence[float] | None = None,
-                 do_sample: bool = False, temperature: float = 1.0, seed: int = 0, sync: str = "auto",
-                 window: int = 4, use_cache: bool = True):
+    def __init__(self, main, aux=(), alignments: Sequence[Alignment] = (), options: DecodingOptions | None = None,
+                 **kwargs: Any):
+        if options is not None and kwargs:
+            raise TypeError("give EvaDecoder either options= or keyword options, not both")
         if len(aux) != len(alignments):
             raise FusionlabError(f"{len(aux)} aux models but {len(alignments)} alignments: give one per aux model.")
-        if combiner not in COMBINERS:
-            raise FusionlabError(f"Unknown ensemble.combiner {combiner!r}; use one of {sorted(COMBINERS)}.")
-        if sync not in ("auto", "text"):
-            raise FusionlabError(f"Unknown ensemble.sync {sync!r}; use 'auto' or 'text'.")
-        if combiner == "linear_sum" and weights is not None and len(weights) != len(aux):
-            raise FusionlabError(f"ensemble.weights has {len(weights)} values for {len(aux)} aux models: "
-                                 "give one weight per aux model (the main model gets 1 - sum).")
-        if do_sample and temperature <= 0:
-            raise FusionlabError(f"ensemble.temperature must be > 0 when sampling, got {temperature}.")
+        self.options = opts = options.decoding() if options is not None else DecodingOptions(**kwargs)
+        opts.check_members(len(aux))
         self.main, self.aux = main, list(aux)
         self.main_vocab = main_vocab = output_embeddings(main[0]).shape[0]
         for (m, _), a in zip(self.aux, alignments):
@@ -199,14 +234,22 @@ class EvaDecoder:
             if a.main_vocab != main_vocab or a.aux_vocab > aux_vocab:
                 raise FusionlabError(f"Alignment {a.method!r} maps {a.aux_vocab} -> {a.main_vocab} tokens but the "
                                      f"models have {aux_vocab} -> {main_vocab}.")
-        self.alignments = [a.to(next(main[0].parameters()).device) for a in alignments]
-        self.topk, self.drop, self.combiner, self.weights = topk, drop, combiner, weights
-        self.do_sample, self.temperature, self.seed = do_sample, temperature, seed
-        self.window, self.use_cache = window, use_cache
+        self.projections = [Projection(a.to(next(main[0].parameters()).device)) for a in alignments]
+        self.combiner, self.candidates, self.gate = COMBINERS[opts.combiner], CANDIDATES[opts.candidates], GATES[opts.gate]
+        self.combiner_kwargs = {"weights": opts.weights} if takes(self.combiner, "weights") else {}
+        self.gate_kwargs = ({"threshold": opts.gate_threshold}
+                            if takes(self.gate, "threshold") and opts.gate_threshold is not None else {})
+        # when the gate decides: before the aux models run (main only), after them, or never (always fires)
+        self.gate_mode = ("members" if needs_members(self.gate) else
+                          "main" if takes(self.gate, "main_probs") else "always")
         main_hash = tokenizer_hash(main[1])
-        self.passthrough = [sync == "auto" and tokenizer_hash(t) == main_hash for _, t in self.aux]
+        self.passthrough = [opts.sync == "auto" and tokenizer_hash(t) == main_hash for _, t in self.aux]
         self.main_bytes = token_bytes(main[1], main_vocab)
         self.eos = eos_ids(*main)
+
+    @property
+    def threads(self) -> int:
+        return self.options.member_threads(1 + len(self.aux))
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str] | Sequence[Sequence[str]], max_new_tokens: int = 128,
@@ -218,44 +261,84 @@ class EvaDecoder:
             prompts = [list(prompts)] * n_models
         if len(prompts) != n_models or len({len(p) for p in prompts}) != 1:
             raise FusionlabError(f"Give one list of prompts per model ({n_models}), all of the same length.")
-        batch = len(prompts[0])
+        threads, saved_threads = self.threads, torch.get_num_threads()
+        parallel = self.options.parallel and n_models > 1
+        torch.set_num_threads(threads)
+        pool = ThreadPoolExecutor(n_models, initializer=torch.set_num_threads, initargs=(threads,)) if parallel else None
+        try:
+            return self._generate(prompts, max_new_tokens, stop, progress, pool)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+            torch.set_num_threads(saved_threads)
+
+    def _forward(self, streams: Sequence[_Stream], pool: ThreadPoolExecutor | None) -> list[torch.Tensor]:
+        """Next-token logits of each stream; concurrently when there is a pool and more than one stream."""
+        if pool is None or len(streams) < 2:
+            return [s.logits_on_own_stream() for s in streams]
+        return [f.result() for f in [pool.submit(s.logits_on_own_stream) for s in streams]]
+
+    def _generate(self, prompts, max_new_tokens, stop, progress, pool) -> EnsembleOutput:
+        opts = self.options
+        n_models, batch = 1 + len(self.aux), len(prompts[0])
         start = time.perf_counter()
         members = [self.main, *self.aux]
-        streams = [_Stream(m, t, [encode_prompt(t, p) for p in ps], self.use_cache)
+        streams = [_Stream(m, t, [encode_prompt(t, p) for p in ps], opts.use_cache, own_cuda_stream=pool is not None)
                    for (m, t), ps in zip(members, prompts)]
-        syncs = [[None if self.passthrough[i] else TextSync(t, self.window) for _ in range(batch)]
+        syncs = [[None if self.passthrough[i] else TextSync(t, opts.window) for _ in range(batch)]
                  for i, (_, t) in enumerate(self.aux)]
         gen_ids: list[list[int]] = [[] for _ in range(batch)]
         gen_text = [b"" for _ in range(batch)]
         finished_text: list[str | None] = [None] * batch
         active = list(range(batch))  # original row index of each live row
         stop = [s for s in stop if s]
-        generator = torch.Generator().manual_seed(self.seed) if self.do_sample else None
-        kept_hist = [0] * (n_models + 1)  # rows×steps where n models passed the filter (0 = none, all used)
-        kept_per_model = [0] * n_models
-        steps = rollbacks = 0
+        generator = torch.Generator().manual_seed(opts.seed) if opts.do_sample else None
+        counts = {"steps": 0, "row_steps": 0, "ensembled_row_steps": 0, "aux_forward_steps": 0, "aux_row_steps": 0,
+                  **{f"filter_kept_{k}": 0 for k in range(n_models + 1)},  # 0 = none passed, all were used
+                  **{f"filter_model{m}_kept": 0 for m in range(n_models)},
+                  **{f"aux_unmapped_{i}": 0.0 for i in range(n_models - 1)}}
+        rollbacks = 0
         stop_tail = max((len(s) for s in stop), default=0) * 4 + 64  # bytes of text that can hold a stop string
         for _ in tqdm(range(max_new_tokens), desc="eva", disable=not progress, leave=False):
-            logits = streams[0].logits()
-            p, ids = topk_probs(logits, self.topk)
-            dists = [dense(p, ids, self.main_vocab)]
-            for stream, alignment in zip(streams[1:], self.alignments):
-                q, qids = topk_probs(stream.logits(), self.topk)
-                dists.append(alignment.project(q.to(dists[0].device), qids.to(dists[0].device)))
-            dists = torch.stack(dists)
-            keep = drop_filter(dists, self.drop) if self.combiner == "uniform" else torch.ones(dists.shape[:2], dtype=torch.bool)
-            combined = COMBINERS[self.combiner](dists, keep, self.weights)
-            if self.do_sample:
-                w = combined.clamp_min(0).pow(1.0 / self.temperature)
+            aux_logits, fire = None, None
+            if n_models == 1:
+                main_logits = streams[0].logits()
+            elif self.gate_mode == "main":  # decide from the main model alone; skip the aux forwards if no row fires
+                main_logits = streams[0].logits()
+                fire = self.gate(main_probs=topk_probs(main_logits, opts.topk)[0], **self.gate_kwargs)
+                if bool(fire.any()):
+                    aux_logits = self._forward(streams[1:], pool)
+            else:
+                main_logits, *aux_logits = self._forward(streams, pool)
+            p, ids = topk_probs(main_logits, opts.topk)
+            combined = dense(p, ids, self.main_vocab)  # the main model alone
+            counts["steps"] += 1
+            counts["row_steps"] += len(active)
+            if aux_logits is not None:
+                dists, unmapped = self.candidates([main_logits, *aux_logits], self.projections, opts.topk,
+                                                  self.main_vocab)
+                if self.gate_mode == "members":
+                    fire = self.gate(dists=dists, **self.gate_kwargs)
+                elif fire is None:
+                    fire = torch.ones(len(active), dtype=torch.bool, device=dists.device)
+                keep = drop_filter(dists, opts.drop, opts.keep_main) & (dists.sum(dim=-1) > 0)
+                keep[0] |= ~keep.any(dim=0)  # an aux model whose mass projected nowhere is never the only one
+                combined = torch.where(fire[:, None], self.combiner(dists, keep, **self.combiner_kwargs), combined)
+                fired = keep[:, fire]
+                counts["ensembled_row_steps"] += int(fire.sum())
+                counts["aux_forward_steps"] += 1
+                counts["aux_row_steps"] += len(active)
+                for m, n in enumerate(fired.sum(dim=1).tolist()):  # one device read each, not one per row
+                    counts[f"filter_model{m}_kept"] += n
+                for n, c in enumerate(torch.bincount(fired.sum(dim=0), minlength=n_models + 1).tolist()):
+                    counts[f"filter_kept_{n}"] += c
+                for i, u in enumerate(unmapped.sum(dim=1).tolist()):
+                    counts[f"aux_unmapped_{i}"] += u
+            if opts.do_sample:
+                w = combined.clamp_min(0).pow(1.0 / opts.temperature)
                 nxt = torch.multinomial(w / w.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
             else:
                 nxt = combined.argmax(dim=-1)
-            n_kept = keep.sum(dim=0)
-            steps += 1
-            for m, n in enumerate(keep.sum(dim=1).tolist()):  # one device read each, not one per row
-                kept_per_model[m] += n
-            for n in n_kept.tolist():
-                kept_hist[n] += 1
             done = []
             for b, tok in enumerate(nxt.tolist()):
                 row = active[b]
@@ -292,12 +375,9 @@ class EvaDecoder:
             cut = min((text.find(s) for s in stop if s in text), default=-1)
             texts.append(text if cut < 0 else text[:cut])
         seconds = time.perf_counter() - start
-        total = max(1, sum(kept_hist))
-        stats = {"steps": steps, "row_steps": sum(kept_hist), "rollbacks": rollbacks,
-                 "sync_mismatches": sum(s.mismatches for rows in syncs for s in rows if s is not None),
-                 **{f"filter_kept_{k}_frac": kept_hist[k] / total for k in range(n_models + 1)},
-                 **{f"filter_model{m}_kept_frac": kept_per_model[m] / total for m in range(n_models)},
-                 "forward_tokens": sum(s.forward_tokens for s in streams)}
         new_tokens = [len(g) + (1 if finished_text[r] is not None and len(g) < max_new_tokens else 0)
                       for r, g in enumerate(gen_ids)]
-        return EnsembleOutput(texts, [len(g) for g in gen_ids], seconds, stats | {"tokens_with_eos": sum(new_tokens)})
+        stats = {**counts, "rollbacks": rollbacks,
+                 "sync_mismatches": sum(s.mismatches for rows in syncs for s in rows if s is not None),
+                 "forward_tokens": sum(s.forward_tokens for s in streams), "tokens_with_eos": sum(new_tokens)}
+        return EnsembleOutput(texts, [len(g) for g in gen_ids], seconds, stats)

@@ -65,6 +65,26 @@ def lightning_loggers(cfg: DictConfig, output_dir: Path) -> list:
     return loggers
 
 
+def lightning_trainer(cfg: DictConfig, output_dir: Path):
+    """A Lightning Trainer from ``cfg.trainer`` with ``cfg.callbacks`` and ``cfg.logger``, writing under
+    ``output_dir``: every ``${paths.output_dir}`` in those nodes points there (fusechat_merge fits one
+    pairwise target per sub dir)."""
+    import copy
+
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import ProgressBar
+    from omegaconf import open_dict
+
+    if Path(cfg.paths.output_dir) != Path(output_dir):
+        cfg = copy.deepcopy(cfg)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    callbacks = [instantiate(node) for node in (cfg.get("callbacks") or {}).values()
+                 if node is not None and "_target_" in node]
+    if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=lightning_loggers(cfg, output_dir) or False)
+
 def task_inputs(cfg: DictConfig):
     """(task definition, evaluated examples, few-shot demonstrations) from ``cfg.task``."""
     from fusionlab.tasks import few_shot_examples, get_task, load_examples, select_examples

@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from fusionlab.errors import FusionlabError
 from fusionlab.io import atomic_dir
-from fusionlab.merge.engine import resolve_checkpoint
-from fusionlab.merge.io import CheckpointReader, ShardWriter, StreamingShardWriter, copy_aux_files, is_embedding, parse_dtype, parse_size
-from fusionlab.merge.methods import is_finite
+from fusionlab.merge.config import build
+from fusionlab.merge.derive import DeriveSpec, PerplexityEval
+from fusionlab.merge.io import CheckpointReader, ShardWriter, copy_aux_files, is_embedding, is_finite, parse_size
+from fusionlab.models.resolve import DERIVED_PREFIX, resolve_checkpoint, torch_dtype
 
 CHAT_ROWS = "chat_rows."  # prefix of the chat model's full embedding rows stored with a chat vector
+TOKENIZER_SOURCES = ("cp", "chat")  # whose tokenizer files the result gets (its weights config is always cp's)
 
 
 def _bar(items, desc: str, progress: bool):
@@ -51,7 +54,7 @@ def extract(base: str, chat: str, output: str | Path, skip_embed: bool = False, 
         if rb.config.get(key) != rc.config.get(key):
             raise FusionlabError(f"Architecture mismatch: base has {key}={rb.config.get(key)!r}, chat has "
                                  f"{rc.config.get(key)!r}; a chat vector needs the same architecture.")
-    out_dtype = parse_dtype(dtype)
+    out_dtype = torch_dtype(dtype)
     names = []
     for name in rc.names:
         stored = rb.resolve_name(name)
@@ -66,22 +69,26 @@ def extract(base: str, chat: str, output: str | Path, skip_embed: bool = False, 
         if skip_embed and is_embedding(name):
             continue
         names.append(name)
+    rows = [name for name in rc.names if is_embedding(name)]  # the chat model's own rows, for special_tokens_map
+    entries = [(n, rc.shape[n], out_dtype) for n in names] + [(CHAT_ROWS + n, rc.shape[n], out_dtype) for n in rows]
     meta = {"fusionlab": "chat_vector", "base": str(base), "chat": str(chat), "skip_embed": str(skip_embed)}
     with atomic_dir(output, overwrite=overwrite) as tmp:
-        w = ShardWriter(tmp, parse_size(shard_size), metadata=meta)
-        for name in _bar(names, "extract chat vector", progress):
-            c, b = rc.get(name), rb.get(name)
-            for t, who in ((c, "chat"), (b, "base")):
-                if not is_finite(t):
-                    raise FusionlabError(f"Tensor {name!r} of the {who} model contains NaN or inf.")
-            w.add(name, (c - b).to(out_dtype))
-            del c, b
-            rc.release(name)  # mapped pages out of this process once used
-            rb.release(name)
-        for name in rc.names:  # the chat model's own rows, for special_tokens_map
-            if is_embedding(name):
-                w.add(CHAT_ROWS + name, rc.get(name).to(out_dtype))
-        w.finish()
+        w = ShardWriter(tmp, entries, parse_size(shard_size), metadata=meta)
+        try:
+            for name in _bar(names, "extract chat vector", progress):
+                c, b = rc.get(name), rb.get(name)
+                for t, who in ((c, "chat"), (b, "base")):
+                    if not is_finite(t):
+                        raise FusionlabError(f"Tensor {name!r} of the {who} model contains NaN or inf.")
+                w.write(name, (c - b).to(out_dtype))
+                del c, b
+                rc.release(name)  # mapped pages out of this process once used
+                rb.release(name)
+            for name in rows:
+                w.write(CHAT_ROWS + name, rc.get(name).to(out_dtype))
+            w.finish()
+        finally:
+            w.close()
         copy_aux_files(rc.dir, tmp)  # chat config + tokenizer: `tokenizer_source=chat` reuses them
         (tmp / "chat_vector.json").write_text(json.dumps(meta, indent=2) + "\n")
     return {"cv_tensors": len(names), "cv_bytes": w.total_bytes}
@@ -97,6 +104,8 @@ def add(cp: str, vectors: list[str], ratios: list[float] | float, output: str | 
         raise FusionlabError(f"{len(vectors)} chat vectors but {len(ratios)} ratios; give one ratio per vector.")
     if not vectors:
         raise FusionlabError("add() needs at least one chat vector.")
+    if tokenizer_source not in TOKENIZER_SOURCES:
+        raise FusionlabError(f"tokenizer_source must be one of {list(TOKENIZER_SOURCES)}, got {tokenizer_source!r}.")
     rp = CheckpointReader(resolve_checkpoint(cp), f"cp model {cp!r}")
     cvs = [CheckpointReader(Path(v).expanduser(), f"chat vector {v!r}") for v in vectors]
     smap = {int(k): int(v) for k, v in (special_tokens_map or {}).items()}
@@ -132,11 +141,10 @@ def add(cp: str, vectors: list[str], ratios: list[float] | float, output: str | 
                     raise FusionlabError(f"special_tokens_map: chat token id {chat_id} is outside the chat vocabulary "
                                          f"(size {cv.shape[rows[0]][0]}).")
 
-    stored_dt = next((d for d in rp.dtype.values() if d in ("F32", "BF16", "F16")), "F32")
-    out_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[stored_dt] if dtype == "auto" else parse_dtype(dtype)
+    out_dtype = rp.float_dtype() if dtype == "auto" else torch_dtype(dtype)
     with atomic_dir(output, overwrite=overwrite) as tmp:
         entries = [(name, rp.shape[name], out_dtype) for name, _ in plan]
-        w = StreamingShardWriter(tmp, entries, parse_size(shard_size), metadata={"fusionlab": "chat_vector_add"})
+        w = ShardWriter(tmp, entries, parse_size(shard_size), metadata={"fusionlab": "chat_vector_add"})
         try:
             for name, stored in _bar(plan, "add chat vector", progress):
                 out = rp.get(name).clone()  # our own buffer: the mapped file pages are released below
@@ -164,12 +172,99 @@ def add(cp: str, vectors: list[str], ratios: list[float] | float, output: str | 
             w.finish()
         finally:
             w.close()
-        src = rp.dir if tokenizer_source == "cp" else cvs[-1].dir if tokenizer_source == "chat" else None
-        if src is None:
-            raise FusionlabError(f"tokenizer_source must be cp or chat, got {tokenizer_source!r}.")
+        src = rp.dir if tokenizer_source == "cp" else cvs[-1].dir
         copy_aux_files(rp.dir, tmp, {"dtype": str(out_dtype).removeprefix("torch.")})
         if src != rp.dir:  # chat template / special tokens from the chat model, weights config from cp
             for f in src.iterdir():
                 if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "generation_config")):
                     (tmp / f.name).write_bytes(f.read_bytes())
     return {"cv_added": len(vectors), "cv_tensors_changed": sum(1 for _, s in plan if s)}
+
+
+@dataclass
+class ChatVectorConfig:
+    """The ``chat_vector:`` node (job ``chat_vector``, ``conf/experiment/chat_vector.yaml``): τᵢ = chatᵢ − base
+    saved, then cp + Σ ratioᵢ τᵢ. Models are checkpoint dirs, embedded names or ``derived:<name>``."""
+
+    base: str  # the pre-trained model
+    chat: Any  # its chat fine-tune, or a list of them
+    cp: str  # its continual pre-training
+    ratio: Any = 1.0  # a number, or a list with one ratio per chat model
+    skip_embed: bool = False  # leave embeddings and lm_head alone (vocabularies differ)
+    special_tokens_map: dict[int, int] | None = None  # {cp_token_id: chat_token_id}: rows from the chat model
+    tokenizer_source: str = "cp"  # cp | chat (the chat model's template and special tokens)
+    dtype: str = "auto"  # output dtype; auto = the cp model's
+    output: str | None = None  # default: <run dir>/merged
+    vector_output: str | None = None  # default: <run dir>/chat_vectors
+    overwrite: bool = False
+    progress: bool = True
+    shard_size: str = "5GB"  # "5GB", "500MB" or a number of bytes
+    derive: dict[str, DeriveSpec] = field(default_factory=dict)  # name -> fine-tune of base, as derived:<name>
+    eval: PerplexityEval | None = None  # perplexity of base, cp, chat model(s) and the result
+
+    def __post_init__(self) -> None:
+        self.derive = {n: build(DeriveSpec, s, f"chat_vector.derive.{n}") for n, s in self.derive.items()}
+        self.eval = build(PerplexityEval, self.eval, "chat_vector.eval") if self.eval is not None else None
+        if not self.chats or not all(isinstance(c, str) and c for c in self.chats):
+            raise FusionlabError(f"chat_vector.chat={self.chat!r}: give a model (dir, embedded name, derived:<name>) "
+                                 "or a list of them.")
+        ratios = self._ratio_list()
+        if len(ratios) != len(self.chats) or not all(isinstance(r, (int, float)) and not isinstance(r, bool)
+                                                      for r in ratios):
+            raise FusionlabError(f"chat_vector.ratio={self.ratio!r}: give a number, or a list of {len(self.chats)} "
+                                 "numbers (one per chat model).")
+        if self.tokenizer_source not in TOKENIZER_SOURCES:
+            raise FusionlabError(f"chat_vector.tokenizer_source={self.tokenizer_source!r}: use one of "
+                                 f"{list(TOKENIZER_SOURCES)}.")
+        if self.dtype != "auto":
+            torch_dtype(self.dtype, "chat_vector.dtype")
+        parse_size(self.shard_size)
+        for ref in [self.base, self.cp, *self.chats]:
+            if ref.startswith(DERIVED_PREFIX) and ref.removeprefix(DERIVED_PREFIX) not in self.derive:
+                raise FusionlabError(f"Model {ref!r} is not defined under chat_vector.derive "
+                                     f"(defined: {sorted(self.derive)}).")
+
+    @property
+    def chats(self) -> list[str]:
+        return list(self.chat) if isinstance(self.chat, (list, tuple)) else [self.chat]
+
+    def _ratio_list(self) -> list[Any]:
+        return list(self.ratio) if isinstance(self.ratio, (list, tuple)) else [self.ratio] * len(self.chats)
+
+    @property
+    def ratios(self) -> list[float]:
+        """One ratio per chat model."""
+        return [float(r) for r in self._ratio_list()]
+
+    def for_run(self, run_dir: Path) -> "ChatVectorConfig":
+        """This config with the output dirs a run writes to where unset (``<run_dir>/merged``, ``/chat_vectors``)."""
+        return replace(self, output=self.output or str(run_dir / "merged"),
+                       vector_output=self.vector_output or str(run_dir / "chat_vectors"))
+
+    def models(self) -> dict[str, str]:
+        """Label → reference of every model the job scores (the result as ``merged``)."""
+        chats = {f"chat{'' if len(self.chats) == 1 else i}": c for i, c in enumerate(self.chats)}
+        return {"base": self.base, "cp": self.cp, **chats, "merged": str(self.output)}
+
+
+def transfer(cfg: ChatVectorConfig, derived: Mapping[str, str | Path] | None = None) -> dict[str, Any]:
+    """Extract each τᵢ = chatᵢ − base into ``vector_output/cv<i>``, then write cp + Σ ratioᵢ τᵢ to ``output``
+    (see :meth:`ChatVectorConfig.for_run`); ``derived``: name → dir of the ``derived:<name>`` models."""
+    if not cfg.output or not cfg.vector_output:
+        raise FusionlabError("chat_vector.output and vector_output must be set (ChatVectorConfig.for_run sets both).")
+
+    def path(ref: str) -> str:
+        return str(resolve_checkpoint(ref, derived))
+
+    common = {"overwrite": cfg.overwrite, "progress": cfg.progress, "shard_size": cfg.shard_size}
+    metrics: dict[str, Any] = {}
+    vectors = []
+    for i, chat in enumerate(cfg.chats):
+        out = Path(cfg.vector_output) / f"cv{i}"
+        info = extract(path(cfg.base), path(chat), out, skip_embed=cfg.skip_embed, **common)
+        vectors.append(str(out))
+        metrics.update({f"{k}/{i}": v for k, v in info.items()})
+    metrics.update(add(path(cfg.cp), vectors, cfg.ratios, cfg.output, skip_embed=cfg.skip_embed,
+                       special_tokens_map=cfg.special_tokens_map, tokenizer_source=cfg.tokenizer_source,
+                       dtype=cfg.dtype, **common))
+    return {**metrics, "merge_output": cfg.output}

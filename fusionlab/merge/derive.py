@@ -1,11 +1,14 @@
-"""Derive same-architecture checkpoints to merge, and score models by perplexity.
+"""Derived checkpoints for the merge experiments, and the shipped texts they train and score on.
 
 Only one checkpoint of each architecture ships with fusionlab (SmolLM2-135M-Instruct), so the
 merge experiments make their own family from it:
 
-- :func:`finetune`: a few AdamW steps of plain causal-LM training on a list of texts (a real,
-  short fine-tune; ~10-40 s on 2 CPU cores for SmolLM2-135M), cached under
-  ``$FUSIONLAB_CACHE/merge_fixtures/<key>`` where the key hashes every input;
+- ``derive: {name: DeriveSpec}`` (:func:`derive_models`): a few AdamW steps of plain causal-LM
+  training of the base on shipped texts (a real, short fine-tune; ~10-40 s on 2 CPU cores for
+  SmolLM2-135M), cached under ``$FUSIONLAB_CACHE/merge_fixtures/<kind>-<key>`` where the key
+  hashes every input; configs name it ``derived:<name>`` (resolved by
+  :func:`fusionlab.models.resolve.resolve_checkpoint` with the map this returns);
+- ``eval: PerplexityEval``: perplexity of models on held-out rows of the same texts;
 - :func:`perturb`: base + Gaussian noise scaled per tensor (a documented stand-in for fine-tunes,
   used by the benchmark where only the tensors' shapes and values matter).
 """
@@ -14,13 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
+from fusionlab.errors import FusionlabError
 from fusionlab.io import atomic_dir, read_jsonl
+from fusionlab.models.resolve import DERIVED_PREFIX, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +34,10 @@ CHAT_DATA = Path(__file__).resolve().parent.parent / "data" / "chat" / "fusechat
 KINDS = ("chat", "addsub", "e2e", "gsm8k")
 
 
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps([FIXTURE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def load_texts(kind: str, start: int = 0, stop: int | None = None, path: str | Path | None = None) -> list[str]:
     """Plain training/eval texts, rows ``[start, stop)``: ``chat`` (question + answer of the shipped
     conversations, ``fusionlab/data/chat/fusechat_mini.jsonl``), or a shipped task (``addsub``, ``e2e``,
     ``gsm8k``; :func:`fusionlab.tasks.load_examples`). ``path``: a user JSONL of the same format instead."""
-    from fusionlab.errors import FusionlabError
     from fusionlab.tasks import load_examples
 
     if kind not in KINDS:
@@ -65,8 +65,87 @@ def load_texts(kind: str, start: int = 0, stop: int | None = None, path: str | P
     return out
 
 
-def finetune(base_dir: str | Path, texts: list[str], out_dir: str | Path, steps: int = 8, lr: float = 1e-4,
-             batch_size: int = 4, max_length: int = 128, seed: int = 0) -> Path:
+@dataclass
+class TextSet:
+    """Rows ``[start, stop)`` of a shipped text set (``kind``), or of a user JSONL of that format (``data``)."""
+
+    kind: str
+    start: int = 0
+    stop: int | None = None
+    data: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise FusionlabError(f"Unknown text kind {self.kind!r} in a derive/eval entry; use one of {list(KINDS)}.")
+        if self.start < 0 or (self.stop is not None and self.stop <= self.start):
+            raise FusionlabError(f"Text rows start={self.start}, stop={self.stop} (kind {self.kind!r}) select nothing; "
+                                 "use 0 <= start < stop (stop null = to the end).")
+        if self.data is not None and not Path(self.data).expanduser().is_file():
+            raise FusionlabError(f"Text file data={self.data!r} (kind {self.kind!r}) does not exist; drop `data` to "
+                                 "use the shipped set.")
+
+    def load(self) -> list[str]:
+        return load_texts(self.kind, self.start, self.stop, self.data)
+
+
+@dataclass
+class DeriveSpec(TextSet):
+    """A short real fine-tune of the base on a text set (CPU-sized defaults), cached by all its inputs."""
+
+    steps: int = 4
+    lr: float = 1e-4
+    batch_size: int = 2
+    max_length: int = 64  # tokens per training text
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for key, low in (("steps", 1), ("batch_size", 1), ("max_length", 2)):
+            if getattr(self, key) < low:
+                raise FusionlabError(f"derive entry {key}={getattr(self, key)}: must be >= {low}.")
+        if not self.lr > 0:
+            raise FusionlabError(f"derive entry lr={self.lr}: the learning rate must be > 0.")
+
+    def training(self) -> dict[str, Any]:
+        """The settings :func:`finetune` takes (the texts aside)."""
+        text_fields = {f.name for f in fields(TextSet)}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in text_fields}
+
+
+@dataclass
+class PerplexityEval:
+    """Perplexity of every input and the output on text sets → ``ppl/<set>/<model>``, ``ppl_mean/<model>``."""
+
+    sets: dict[str, TextSet] = field(default_factory=dict)
+    max_length: int = 64
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        self.sets = {name: s if isinstance(s, TextSet) else TextSet(**s) for name, s in self.sets.items()}
+        if self.max_length < 2 or self.batch_size < 1:
+            raise FusionlabError(f"eval max_length={self.max_length}, batch_size={self.batch_size}: perplexity needs "
+                                 "max_length >= 2 and batch_size >= 1.")
+
+    def score(self, models: Mapping[str, str | Path], derived: Mapping[str, str | Path] | None = None) -> dict[str, float]:
+        """The metrics for ``models`` (label → model reference: a dir, an embedded name, ``derived:<name>``)."""
+        from fusionlab.metrics.perplexity import perplexity_table
+
+        texts = {name: s.load() for name, s in self.sets.items()}
+        dirs = {label: resolve_checkpoint(str(ref), derived) for label, ref in models.items()}
+        return perplexity_table(dirs, texts, self.max_length, self.batch_size)
+
+
+def label_of(ref: str) -> str:
+    """A readable name for a model reference in metrics: ``derived:<name>`` → name, a path → its last part."""
+    return ref.removeprefix(DERIVED_PREFIX) if ref.startswith(DERIVED_PREFIX) else Path(ref).name or ref
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps([FIXTURE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finetune(base_dir: str | Path, texts: list[str], out_dir: str | Path, *, steps: int, lr: float, batch_size: int,
+             max_length: int, seed: int) -> Path:
     """A short real fine-tune (AdamW, causal LM on ``texts``); written atomically with the tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,57 +181,53 @@ def finetune(base_dir: str | Path, texts: list[str], out_dir: str | Path, steps:
     return out_dir
 
 
-def cached_finetune(base_dir: str | Path, kind: str, cache_root: Path, start: int = 0, stop: int | None = None,
-                    data: str | Path | None = None, **kw: Any) -> Path:
-    """:func:`finetune` on ``load_texts(kind, start, stop, data)``, cached by a hash of all inputs (texts included)."""
-    texts = load_texts(kind, start, stop, data)
-    key = _key(str(base_dir), kind, hashlib.sha256("\x00".join(texts).encode()).hexdigest(), kw)
-    out = cache_root / "merge_fixtures" / f"{kind}-{key}"
-    return finetune(base_dir, texts, out, **kw)
+def cached_finetune(base_dir: str | Path, spec: DeriveSpec, cache_root: Path) -> Path:
+    """:func:`finetune` of ``base_dir`` on ``spec``'s texts, cached by a hash of all inputs (texts included)."""
+    texts = spec.load()
+    kw = spec.training()
+    key = _key(str(base_dir), spec.kind, hashlib.sha256("\x00".join(texts).encode()).hexdigest(), kw)
+    return finetune(base_dir, texts, cache_root / "merge_fixtures" / f"{spec.kind}-{key}", **kw)
+
+
+def derive_models(specs: Mapping[str, DeriveSpec], base: str | None) -> dict[str, str]:
+    """Run (or reuse from the cache) the fine-tunes of ``base`` named in ``specs``; returns name → dir,
+    the ``derived`` map of :func:`fusionlab.models.resolve.resolve_checkpoint`."""
+    from fusionlab.models.embedded import cache_dir
+
+    if not specs:
+        return {}
+    if not base or base.startswith(DERIVED_PREFIX):
+        raise FusionlabError(f"derive: fine-tunes start from a real checkpoint, but the base model is {base!r}; "
+                             "set the base (merge.base / chat_vector.base) to a checkpoint dir or embedded name.")
+    base_dir = resolve_checkpoint(base)
+    out = {}
+    for name, spec in specs.items():
+        log.info("Deriving %s from %s (%s)", name, base, spec)
+        out[name] = str(cached_finetune(base_dir, spec, cache_dir()))
+    return out
 
 
 def perturb(base_dir: str | Path, out_dir: str | Path, scale: float = 0.01, seed: int = 0) -> Path:
-    """base + N(0, (scale·std(tensor))²) per floating tensor; config and tokenizer copied."""
-    from fusionlab.merge.io import CheckpointReader, ShardWriter, copy_aux_files
+    """base + N(0, (scale·std(tensor))²) per floating tensor, written as fp32; config and tokenizer copied."""
+    from fusionlab.merge.io import ST_DTYPES, CheckpointReader, ShardWriter, copy_aux_files
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
     r = CheckpointReader(base_dir)
+    floating = {n: ST_DTYPES[r.dtype[n]].is_floating_point for n in r.names}
     g = torch.Generator().manual_seed(seed)
     with atomic_dir(out_dir, overwrite=True) as tmp:
-        w = ShardWriter(tmp)
-        for name in r.names:
-            t = r.get(name)
-            std = float(t.std()) if t.numel() > 1 else 1.0
-            w.add(name, t + torch.randn(t.shape, generator=g) * scale * (std or 1.0))
-        w.finish()
+        w = ShardWriter(tmp, [(n, r.shape[n], torch.float32 if floating[n] else ST_DTYPES[r.dtype[n]]) for n in r.names])
+        try:
+            for name in r.names:
+                t = r.get(name, dtype=torch.float32 if floating[name] else None)
+                if floating[name]:
+                    std = float(t.std()) if t.numel() > 1 else 1.0
+                    t = t + torch.randn(t.shape, generator=g) * scale * (std or 1.0)
+                w.write(name, t)
+            w.finish()
+        finally:
+            w.close()
         copy_aux_files(r.dir, tmp)
     return out_dir
-
-
-@torch.no_grad()
-def perplexity(model_dir: str | Path, texts: list[str] | dict[str, list[str]], max_length: int = 256,
-               batch_size: int = 4) -> float | dict[str, float]:
-    """exp(mean token NLL) of a checkpoint over ``texts`` (padding excluded); a dict of text sets gives one each."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    sets = texts if isinstance(texts, dict) else {"": texts}
-    out = {}
-    for name, items in sets.items():
-        nll, count = 0.0, 0
-        for i in range(0, len(items), batch_size):
-            enc = tok(items[i:i + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-            logits = model(**enc).logits[:, :-1].float()
-            labels = enc["input_ids"][:, 1:].masked_fill(enc["attention_mask"][:, 1:] == 0, -100)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                     ignore_index=-100, reduction="sum")
-            nll += float(loss)
-            count += int((labels != -100).sum())
-        out[name] = math.exp(nll / max(count, 1))
-    return out if isinstance(texts, dict) else out[""]

@@ -1,18 +1,16 @@
 """Streaming safetensors IO: read one tensor at a time from (sharded) checkpoints, write shards.
 
-Memory stays at about one tensor per input model plus one output tensor. The reader maps each
-file copy-on-write and hands out tensors that ARE the mapped pages (no copy, no zero-filled
-buffer); :meth:`CheckpointReader.release` unmaps a tensor's pages once the engine is done with
-it, so a 10 GB checkpoint never sits in this process's RSS. :class:`StreamingShardWriter` writes
-every shard's header first (all shapes are known from the plan) and then each tensor's bytes,
-in a background thread, while the next tensor is being merged.
+Memory stays at about one tensor per input model plus one output tensor: the reader hands out
+tensors backed by the checkpoint files' mapped pages and drops them once merged
+(:mod:`fusionlab.merge.fast.memory`); :class:`ShardWriter` writes every shard's header first (all
+shapes are known from the plan) and then each tensor's bytes, in a background thread, while the
+next tensor is being merged. It is the one writer of every checkpoint fusionlab.merge produces.
 """
 from __future__ import annotations
 
 import errno
 import json
 import math
-import mmap
 import os
 import re
 import shutil
@@ -21,12 +19,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from fusionlab.errors import FusionlabError
-from fusionlab.models.loading import DTYPES as MODEL_DTYPES
+from fusionlab.merge.fast.memory import MappedFiles
 
 INDEX_NAME = "model.safetensors.index.json"
 # Files copied from the tokenizer source into a merged checkpoint (besides config.json).
@@ -36,16 +32,11 @@ AUX_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json"
 EMBED_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight",
                "word_embeddings.weight", "transformer.word_embeddings.weight")
 LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
+# safetensors' dtype codes (the file format's names, not a config option)
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
-DTYPES = {**MODEL_DTYPES, "float64": torch.float64}  # a merge may also write fp64
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise FusionlabError(f"Unknown dtype {name!r}; use one of {sorted(DTYPES)}.")
-    return DTYPES[name]
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 
 
 def parse_size(size: int | str) -> int:
@@ -62,6 +53,13 @@ def parse_size(size: int | str) -> int:
 def is_embedding(name: str) -> bool:
     """Token-indexed tensors: input embeddings and output head (their first axis is the vocabulary)."""
     return name in EMBED_NAMES or name in LM_HEAD_NAMES or name.endswith(("embed_tokens.weight", "lm_head.weight"))
+
+
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in ``t``. One reduction; the exact elementwise check only when the sum is not finite."""
+    if not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 class CheckpointReader:
@@ -88,7 +86,7 @@ class CheckpointReader:
                 f"No *.safetensors files in {self.path} ({self.label}); merging needs safetensors checkpoints "
                 "(re-save with save_pretrained(..., safe_serialization=True))."
             )
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._mapped = MappedFiles()
         self._data_start: dict[Path, int] = {}
         self.file_of: dict[str, Path] = {}
         self.shape: dict[str, tuple[int, ...]] = {}
@@ -145,27 +143,18 @@ class CheckpointReader:
             t = t.to(dtype)
         return t.to(device)
 
-
     def _read(self, name: str) -> torch.Tensor:
-        """The tensor's bytes as a tensor backed by the (copy-on-write) file mapping: no copy."""
+        """The tensor's bytes, backed by the (copy-on-write) file mapping: no copy."""
         path = self.file_of[name]
         begin, end = self.offsets[name]
         dtype = ST_DTYPES.get(self.dtype[name])
         if dtype is None:
             raise FusionlabError(f"Tensor {name!r} in {path} has dtype {self.dtype[name]}, which fusionlab cannot read.")
-        if end == begin:
-            return torch.empty(self.shape[name], dtype=dtype)
-        mm = self._maps.get(path)
-        if mm is None:
-            with open(path, "rb") as f:
-                mm = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        start = self._data_start[path] + begin
-        itemsize = dtype.itemsize
-        if start % itemsize:  # misaligned for its dtype (possible after odd-sized tensors): copy it
-            buf = torch.empty(end - begin, dtype=torch.uint8)
-            buf.numpy()[:] = np.frombuffer(mm, dtype=np.uint8, count=end - begin, offset=start)
-            return buf.view(dtype).reshape(self.shape[name])
-        return torch.frombuffer(mm, dtype=dtype, count=(end - begin) // itemsize, offset=start).reshape(self.shape[name])
+        return self._mapped.tensor(path, self._data_start[path] + begin, end - begin, dtype, self.shape[name])
+
+    def float_dtype(self) -> torch.dtype:
+        """The dtype the floating tensors are stored in (what ``dtype: auto`` writes); fp32 if none."""
+        return next((ST_DTYPES[d] for d in self.dtype.values() if d in ("F32", "BF16", "F16", "F64")), torch.float32)
 
     def release(self, name: str) -> None:
         """Drop a tensor's mapped pages from this process (they stay in the OS page cache).
@@ -173,23 +162,13 @@ class CheckpointReader:
         Only call this once nothing uses the tensor: a later read of it reads the file again.
         """
         stored = self.resolve_name(name)
-        path = self.file_of.get(stored) if stored else None
-        mm = self._maps.get(path) if path else None
-        if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if stored is None:
             return
-        begin, end = self.offsets[stored]
-        lo = -(-(self._data_start[path] + begin) // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages inside only
-        hi = (self._data_start[path] + end) // mmap.PAGESIZE * mmap.PAGESIZE
-        if hi > lo:
-            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        path, (begin, end) = self.file_of[stored], self.offsets[stored]
+        self._mapped.release(path, self._data_start[path] + begin, self._data_start[path] + end)
 
     def close(self) -> None:
-        for mm in self._maps.values():
-            try:
-                mm.close()
-            except BufferError:  # a tensor still uses the mapping: it is unmapped when that tensor goes
-                pass
-        self._maps.clear()
+        self._mapped.close()
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -207,56 +186,6 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
 
 
 class ShardWriter:
-    """Collect tensors into shards of at most ``max_shard_bytes``; ``finish`` names them like HF and writes the index."""
-
-    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 5 * 10**9, metadata: dict[str, str] | None = None):
-        self.out_dir = Path(out_dir)
-        self.max_bytes = max_shard_bytes
-        self.metadata = {"format": "pt", **(metadata or {})}
-        self._current: dict[str, torch.Tensor] = {}
-        self._current_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._current and self._current_bytes + nbytes > self.max_bytes:
-            self._flush()
-        self._current[name] = tensor.detach().to("cpu").contiguous()
-        self._current_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def _flush(self) -> None:
-        if not self._current:
-            return
-        path = self.out_dir / f".shard-{len(self._shards):05d}.safetensors"
-        save_file(self._current, str(path), metadata=self.metadata)
-        self._shards.append((path, list(self._current)))
-        self._current, self._current_bytes = {}, 0
-
-    def finish(self) -> list[Path]:
-        self._flush()
-        n = len(self._shards)
-        if n == 0:
-            raise FusionlabError("Nothing to write: the merge produced no tensors.")
-        if n == 1:
-            final = [self.out_dir / "model.safetensors"]
-        else:
-            final = [self.out_dir / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        weight_map = {}
-        for (tmp, names), dst in zip(self._shards, final):
-            os.replace(tmp, dst)
-            weight_map.update({name: dst.name for name in names})
-        if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
-            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return final
-
-
-TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
-
-
-class StreamingShardWriter:
     """Write tensors straight to disk in a fixed order: shard layout and headers come from ``entries``.
 
     ``entries`` = [(name, shape, dtype)] in the order :meth:`write` will be called. Shards hold at most
@@ -268,6 +197,8 @@ class StreamingShardWriter:
 
     def __init__(self, out_dir: str | os.PathLike, entries: list[tuple[str, tuple[int, ...], torch.dtype]],
                  max_shard_bytes: int = 5 * 10**9, metadata: dict[str, str] | None = None):
+        if not entries:
+            raise FusionlabError("Nothing to write: the checkpoint would have no tensors.")
         self.out_dir = Path(out_dir)
         self.metadata = {"format": "pt", **(metadata or {})}
         self.shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
@@ -317,7 +248,7 @@ class StreamingShardWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self.order) or self.order[self._next] != name:
             expected = self.order[self._next] if self._next < len(self.order) else "nothing"
-            raise RuntimeError(f"StreamingShardWriter: got {name!r}, expected {expected!r}")
+            raise RuntimeError(f"ShardWriter: got {name!r}, expected {expected!r}")
         open_path, header, size = None, b"", 0
         if self._left == 0:
             self._shard += 1
@@ -328,7 +259,7 @@ class StreamingShardWriter:
             self._paths.append(open_path)
         _, shape, dtype, _ = self.shards[self._shard][len(self.shards[self._shard]) - self._left]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(f"StreamingShardWriter: {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
+            raise RuntimeError(f"ShardWriter: {name!r} is {tuple(tensor.shape)} {tensor.dtype}, "
                                f"planned {shape} {dtype}")
         t = tensor.detach().to("cpu").contiguous()
         self._next += 1
@@ -354,7 +285,7 @@ class StreamingShardWriter:
     def finish(self) -> list[Path]:
         self.close()
         if self._next != len(self.order):
-            raise RuntimeError(f"StreamingShardWriter: {len(self.order) - self._next} tensors were never written")
+            raise RuntimeError(f"ShardWriter: {len(self.order) - self._next} tensors were never written")
         n = len(self._paths)
         final = ([self.out_dir / "model.safetensors"] if n == 1 else
                  [self.out_dir / f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
@@ -384,9 +315,12 @@ def save_state_dict(state: dict[str, torch.Tensor], out_dir: Path, config: dict[
                     max_shard_bytes: int = 5 * 10**9) -> None:
     """Write a whole state dict as (sharded) safetensors plus config.json (for tests and fixtures)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    w = ShardWriter(out_dir, max_shard_bytes)
-    for k, v in state.items():
-        w.add(k, v)
-    w.finish()
+    w = ShardWriter(out_dir, [(k, tuple(v.shape), v.dtype) for k, v in state.items()], max_shard_bytes)
+    try:
+        for k, v in state.items():
+            w.write(k, v)
+        w.finish()
+    finally:
+        w.close()
     if config is not None:
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

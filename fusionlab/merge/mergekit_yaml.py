@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from fusionlab.errors import FusionlabError
-from fusionlab.merge.engine import MergeConfig
+from fusionlab.merge.config import MergeConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,32 +1,36 @@
-"""Merge methods: one plain function per method, registered in :data:`METHODS`.
+"""Merge methods: one function per method, registered (with its parameters) by its signature.
 
-Every function merges ONE tensor: it gets the base tensor (or ``None``), the other models'
-tensors (fp32, same shape) and the resolved parameters, and returns the merged fp32 tensor.
-Semantics and defaults follow mergekit 0.1.5 (``mergekit/merge_methods``), so a mergekit YAML
-gives the same numbers here; fusionlab-only options are marked as such.
+Every function merges ONE tensor (see :mod:`fusionlab.merge.registry` for the calling convention
+and how the signature becomes the method's parameters). Semantics and defaults follow mergekit
+(``mergekit/merge_methods``), so a mergekit YAML gives the same numbers here; options that exist
+only in fusionlab are marked as such. Adding a method = one decorated function here + its YAML in
+``conf/merge_method/``.
 
-Speed: mergekit ranks magnitudes with a full ``argsort`` per delta (O(n log n) comparisons on
-(value, index) pairs). :mod:`fusionlab.merge.exact` finds the same kept set in O(n) by
-replaying only the partitions of torch's (unstable) sort that contain the cut, so equal
-magnitudes at the cut are kept or dropped exactly as in mergekit (``tie_break: mergekit``, the
-default). ``tie_break: index`` (fusionlab only) breaks those ties by position instead, as a stable
-sort would: the same on every platform, where mergekit's choice depends on the C++ library
+Which of the equal magnitudes at a density cut are kept (``tie_break``): ``mergekit`` (the
+default) keeps exactly the entries mergekit's unstable sort keeps, found in O(n) by
+:mod:`fusionlab.merge.fast.exact`; ``index`` (fusionlab only) breaks those ties by position, as a
+stable sort would: the same on every platform, where mergekit's choice depends on the C++ library
 torch was built with.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable, Literal
 
 import torch
+from torch import Tensor
 
 from fusionlab.errors import FusionlabError
-from fusionlab.merge.exact import population_variance, rank_range_mask, reference_prefix_mask
+from fusionlab.merge.fast.exact import population_variance, rank_range_mask, reference_prefix_mask
+from fusionlab.merge.registry import PerModel, merge_method
 
-REQUIRED = "__required__"  # default of a parameter with no default (mergekit: required)
 _COMBINE_CHUNK = 1 << 20  # entries per chunk of the sign election + weighted sum
 
+RescaleNorm = Literal["l1", "l2", "linf", "inverse_density"]  # fusionlab only: mergekit always rescales by l1
+TieBreak = Literal["mergekit", "index"]  # fusionlab only, see the module docstring
+Sparsifier = Callable[[Tensor, int], Tensor]  # (the engine's own delta of model i, i) -> sparsified delta
 
+
+# --------------------------------------------------------------------------- sparsification
 _NORMS = {"l1": lambda x: x.abs().sum(), "l2": lambda x: x.norm(), "linf": lambda x: x.abs().max()}
 
 
@@ -49,7 +53,6 @@ def _rescale(delta: torch.Tensor, mask: torch.Tensor, norm: str | None, density:
     return masked * (before / after)
 
 
-# --------------------------------------------------------------------------- sparsification
 def magnitude(delta: torch.Tensor, density: float, rescale_norm: str | None = None,
               tie_break: str = "mergekit", inplace: bool = False) -> torch.Tensor:
     """TIES: keep the top ``density`` fraction of entries by magnitude (at least one)."""
@@ -106,38 +109,31 @@ def della_magprune(delta: torch.Tensor, density: float, epsilon: float, rescale_
     return _rescale(t, mask, rescale_norm, density).reshape(shape)
 
 
-def sign_consensus(deltas: torch.Tensor, method: str = "sum") -> torch.Tensor:
-    """Mask of entries whose sign agrees with the elected sign (TIES); zeros never agree unless all are 0."""
-    sign = deltas.sign()
+def sign_consensus(deltas: torch.Tensor, method: str = "sum", mask_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Mask of entries whose sign agrees with the elected sign (TIES); zeros never agree unless all are 0.
+
+    ``mask_dtype``: the dtype of the sign tensors (mergekit's ``int8_mask``: int8 instead of the
+    deltas' dtype, less memory, the same mask)."""
+    sign = deltas.sign() if mask_dtype is None else deltas.sign().to(mask_dtype)
     if method == "sum":
-        majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        majority = (deltas.sum(dim=0) >= 0).to(sign.dtype) * 2 - 1
     elif method == "count":
-        majority = (sign.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        majority = (sign.sum(dim=0) >= 0).to(sign.dtype) * 2 - 1
     else:
         raise FusionlabError(f"Unknown consensus_method {method!r}; use sum or count.")
     return sign == majority
 
 
-# --------------------------------------------------------------------------- methods
-def linear(base, tensors, *, weight: list[float], normalize: bool = True):
-    """Σ wᵢ θᵢ (/ Σ wᵢ). The base, if any, is just one more input (it was appended to ``tensors``)."""
-    result = torch.zeros_like(tensors[0])
-    for t, w in zip(tensors, weight):
-        result.add_(t, alpha=w)
-    if normalize:
-        result.div_(sum(weight))
-    return result
-
-
-def _task_arithmetic_family(base, tensors, *, weight, density, sparsify=None, consensus=None,
-                            normalize=False, rescale=False, lambda_=1.0, rescale_norm="l1",
-                            gamma=None, epsilon=None, generator=None, int8_mask=False, tie_break="mergekit"):
+# --------------------------------------------------------------------------- task arithmetic family
+def _task_arithmetic_family(base: Tensor, tensors: list[Tensor], weight: list[float], lambda_: float,
+                            normalize: bool, sparsify: Sparsifier | None = None, consensus: str | None = None,
+                            int8_mask: bool = False) -> Tensor:
     """mergekit's GeneralizedTaskArithmetic: sparsify each δᵢ, weight, (sign-elect), sum, normalise, scale."""
-    norm = rescale_norm if rescale else None
     if not consensus:  # no sign election: accumulate in place, never stacking N deltas (same sums, same order)
         mixed = None
         for i, t in enumerate(tensors):
-            d = _sparsify(t - base, i, sparsify, density, gamma, epsilon, norm, generator, tie_break)  # owns t - base
+            d = t - base
+            d = sparsify(d, i) if sparsify else d  # owns t - base
             d.mul_(weight[i])
             mixed = d if mixed is None else mixed.add_(d)
         divisor = torch.tensor(weight, dtype=base.dtype, device=base.device).sum()
@@ -149,14 +145,15 @@ def _task_arithmetic_family(base, tensors, *, weight, density, sparsify=None, co
     deltas = torch.empty((len(tensors), *base.shape), dtype=base.dtype, device=base.device)
     for i, t in enumerate(tensors):
         d = torch.sub(t, base, out=deltas[i])
-        kept = _sparsify(d, i, sparsify, density, gamma, epsilon, norm, generator, tie_break)
+        kept = sparsify(d, i) if sparsify else d
         if kept is not d:
             d.copy_(kept)
     w = torch.tensor(weight, dtype=deltas.dtype, device=deltas.device).reshape(-1, 1)
     deltas.view(len(tensors), -1).mul_(w)
+    mask_dtype = torch.int8 if int8_mask else None
 
-    def elect_and_sum(d: torch.Tensor) -> torch.Tensor:
-        mask = sign_consensus(d, consensus)
+    def elect_and_sum(d: Tensor) -> Tensor:
+        mask = sign_consensus(d, consensus, mask_dtype)
         mixed = (d * mask).sum(dim=0)
         divisor = (w * mask).sum(dim=0)
         divisor[divisor == 0] = 1
@@ -180,54 +177,115 @@ def _add_per_entry(base: torch.Tensor, deltas: torch.Tensor, combine: Callable[[
     return out.reshape(base.shape)
 
 
-def _sparsify(d, i, sparsify, density, gamma, epsilon, norm, generator, tie_break="mergekit"):
-    """Sparsify the engine's own delta ``d`` (masked in place where the method allows)."""
-    if sparsify == "magnitude":
-        return magnitude(d, density[i], norm, tie_break, inplace=True)
-    if sparsify == "random":
-        return bernoulli(d, density[i], norm, generator, inplace=True)
-    if sparsify == "magnitude_outliers":
-        return magnitude_outliers(d, density[i], gamma[i], norm, tie_break, inplace=True)
-    if sparsify == "della":
-        return della_magprune(d, density[i], epsilon[i], norm, generator)
-    return d
+def _norm(rescale: bool, rescale_norm: str) -> str | None:
+    return rescale_norm if rescale else None
 
 
-def task_arithmetic(base, tensors, **p):
-    """θ_base + λ Σ wᵢ δᵢ (chat vector = this with the chat model at weight = ratio)."""
-    return _task_arithmetic_family(base, tensors, **p)
+@merge_method
+def task_arithmetic(base: Tensor, tensors: list[Tensor], *, weight: PerModel[float], normalize: bool = False,
+                    lambda_: float = 1.0) -> Tensor:
+    """Task arithmetic (Ilharco et al. 2022, arXiv 2212.04089): θ_base + λ Σ wᵢ δᵢ.
+
+    Chat vector = this with the chat model at weight = ratio."""
+    return _task_arithmetic_family(base, tensors, weight, lambda_, normalize)
 
 
-def ties(base, tensors, **p):
-    return _task_arithmetic_family(base, tensors, sparsify="magnitude", consensus="sum", **p)
+@merge_method
+def ties(base: Tensor, tensors: list[Tensor], *, weight: PerModel[float], density: PerModel[float] = 1.0,
+         normalize: bool = True, rescale: bool = False, rescale_norm: RescaleNorm = "l1", lambda_: float = 1.0,
+         int8_mask: bool = False, tie_break: TieBreak = "mergekit") -> Tensor:
+    """TIES (Yadav et al. 2023, arXiv 2306.01708): keep the top-density deltas by magnitude, elect the
+    sign of Σ wᵢ δᵢ, average the agreeing entries."""
+    norm = _norm(rescale, rescale_norm)
+    return _task_arithmetic_family(base, tensors, weight, lambda_, normalize, consensus="sum", int8_mask=int8_mask,
+                                   sparsify=lambda d, i: magnitude(d, density[i], norm, tie_break, inplace=True))
 
 
-def dare_linear(base, tensors, **p):
-    return _task_arithmetic_family(base, tensors, sparsify="random", **p)
+@merge_method
+def dare_linear(base: Tensor, tensors: list[Tensor], *, weight: PerModel[float], density: PerModel[float] = 1.0,
+                normalize: bool = False, rescale: bool = True, rescale_norm: RescaleNorm = "l1", lambda_: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """DARE (Yu et al. 2023, arXiv 2311.03099) without sign election: keep each delta entry with
+    probability density, rescale (l1 = mergekit, inverse_density = the paper's 1/p)."""
+    norm = _norm(rescale, rescale_norm)
+    return _task_arithmetic_family(base, tensors, weight, lambda_, normalize,
+                                   sparsify=lambda d, i: bernoulli(d, density[i], norm, generator, inplace=True))
 
 
-def dare_ties(base, tensors, **p):
-    return _task_arithmetic_family(base, tensors, sparsify="random", consensus="sum", **p)
+@merge_method
+def dare_ties(base: Tensor, tensors: list[Tensor], *, weight: PerModel[float], density: PerModel[float] = 1.0,
+              normalize: bool = False, rescale: bool = True, rescale_norm: RescaleNorm = "l1", lambda_: float = 1.0,
+              int8_mask: bool = False, generator: torch.Generator | None = None) -> Tensor:
+    """DARE + TIES sign election (arXiv 2311.03099)."""
+    norm = _norm(rescale, rescale_norm)
+    return _task_arithmetic_family(base, tensors, weight, lambda_, normalize, consensus="sum", int8_mask=int8_mask,
+                                   sparsify=lambda d, i: bernoulli(d, density[i], norm, generator, inplace=True))
 
 
-def breadcrumbs(base, tensors, **p):
-    return _task_arithmetic_family(base, tensors, sparsify="magnitude_outliers", **p)
+@merge_method
+def breadcrumbs(base: Tensor, tensors: list[Tensor], *, weight: PerModel[float], density: PerModel[float] = 1.0,
+                gamma: PerModel[float] = 0.01, normalize: bool = False, rescale: bool = False,
+                rescale_norm: RescaleNorm = "l1", lambda_: float = 1.0, tie_break: TieBreak = "mergekit") -> Tensor:
+    """Model Breadcrumbs (Davari & Belilovsky 2023, arXiv 2312.06795): drop the largest gamma fraction
+    and the smallest entries of each delta, keeping density."""
+    norm = _norm(rescale, rescale_norm)
+    return _task_arithmetic_family(base, tensors, weight, lambda_, normalize, sparsify=lambda d, i: magnitude_outliers(
+        d, density[i], gamma[i], norm, tie_break, inplace=True))
 
 
-def breadcrumbs_ties(base, tensors, **p):
-    return _task_arithmetic_family(base, tensors, sparsify="magnitude_outliers", consensus="sum", **p)
+@merge_method
+def breadcrumbs_ties(base: Tensor, tensors: list[Tensor], *, weight: PerModel[float], density: PerModel[float] = 1.0,
+                     gamma: PerModel[float] = 0.01, normalize: bool = False, rescale: bool = False,
+                     rescale_norm: RescaleNorm = "l1", lambda_: float = 1.0, int8_mask: bool = False,
+                     tie_break: TieBreak = "mergekit") -> Tensor:
+    """Model Breadcrumbs with TIES sign election (arXiv 2312.06795)."""
+    norm = _norm(rescale, rescale_norm)
+    return _task_arithmetic_family(base, tensors, weight, lambda_, normalize, consensus="sum", int8_mask=int8_mask,
+                                   sparsify=lambda d, i: magnitude_outliers(d, density[i], gamma[i], norm, tie_break,
+                                                                            inplace=True))
 
 
-def della(base, tensors, **p):
-    return _task_arithmetic_family(base, tensors, sparsify="della", consensus="sum", **p)
+@merge_method
+def della(base: Tensor, tensors: list[Tensor], *, weight: PerModel[float], density: PerModel[float] = 1.0,
+          epsilon: PerModel[float] = 0.15, normalize: bool = True, rescale: bool = True,
+          rescale_norm: RescaleNorm = "l1", lambda_: float = 1.0, int8_mask: bool = False,
+          generator: torch.Generator | None = None) -> Tensor:
+    """DELLA (Deep et al. 2024, arXiv 2406.11617): magnitude-ranked keep probabilities in
+    density ± epsilon per row, rescale, TIES sign election."""
+    norm = _norm(rescale, rescale_norm)
+    return _task_arithmetic_family(base, tensors, weight, lambda_, normalize, consensus="sum", int8_mask=int8_mask,
+                                   sparsify=lambda d, i: della_magprune(d, density[i], epsilon[i], norm, generator))
 
 
-def della_linear(base, tensors, **p):
-    return _task_arithmetic_family(base, tensors, sparsify="della", **p)
+@merge_method
+def della_linear(base: Tensor, tensors: list[Tensor], *, weight: PerModel[float], density: PerModel[float] = 1.0,
+                 epsilon: PerModel[float] = 0.15, normalize: bool = False, rescale: bool = True,
+                 rescale_norm: RescaleNorm = "l1", lambda_: float = 1.0,
+                 generator: torch.Generator | None = None) -> Tensor:
+    """DELLA without sign election (arXiv 2406.11617)."""
+    norm = _norm(rescale, rescale_norm)
+    return _task_arithmetic_family(base, tensors, weight, lambda_, normalize,
+                                   sparsify=lambda d, i: della_magprune(d, density[i], epsilon[i], norm, generator))
 
 
-def model_stock(base, tensors, *, filter_wise: bool = False):
-    """Model Stock: interpolate base → average by t = N·cosθ / (1 + (N−1)·cosθ), cosθ = mean pairwise cosine of δ."""
+# --------------------------------------------------------------------------- other methods
+@merge_method(base="input")
+def linear(base: None, tensors: list[Tensor], *, weight: PerModel[float], normalize: bool = True) -> Tensor:
+    """Linear / model soup (Wortsman et al. 2022, arXiv 2203.05482): Σ wᵢ θᵢ / Σ wᵢ.
+
+    A base model, if set, is one more weighted input (as in mergekit): ``base`` is always None."""
+    result = torch.zeros_like(tensors[0])
+    for t, w in zip(tensors, weight):
+        result.add_(t, alpha=w)
+    if normalize:
+        result.div_(sum(weight))
+    return result
+
+
+@merge_method(min_models=2)
+def model_stock(base: Tensor, tensors: list[Tensor], *, filter_wise: bool = False) -> Tensor:
+    """Model Stock (Jang et al. 2024, arXiv 2403.19522): interpolate base → average of ≥ 2 fine-tunes
+    by t = N·cosθ / (1 + (N−1)·cosθ), cosθ = mean pairwise cosine of the deltas."""
     shape = base.shape
     if filter_wise:
         w0 = base.unsqueeze(0) if base.dim() == 1 else base
@@ -250,62 +308,76 @@ def model_stock(base, tensors, *, filter_wise: bool = False):
     return (t * average + (1 - t) * w0).reshape(shape)
 
 
-def slerp(base, tensors, *, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8):
-    """Spherical interpolation base → other over the flattened tensor; lerp when (anti)collinear."""
+_SLERP_DOT_THRESHOLD, _SLERP_EPS = 0.9995, 1e-8  # mergekit's constants (not options there either)
+
+
+@merge_method(max_models=1)
+def slerp(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
+    """SLERP between the base and one other model over each flattened tensor; lerp when (anti)collinear.
+
+    ``t`` may be a layer gradient, e.g. [0, 0.5, 1]."""
     a, b = base.reshape(-1), tensors[0].reshape(-1)
     na, nb = torch.linalg.vector_norm(a), torch.linalg.vector_norm(b)
-    na = na if na > eps else torch.ones_like(na)
-    nb = nb if nb > eps else torch.ones_like(nb)
+    na = na if na > _SLERP_EPS else torch.ones_like(na)
+    nb = nb if nb > _SLERP_EPS else torch.ones_like(nb)
     dot = ((a / na) * (b / nb)).sum().clamp(-1, 1)
-    if dot.abs() > dot_threshold:
+    if dot.abs() > _SLERP_DOT_THRESHOLD:
         return ((1 - t) * a + t * b).reshape(base.shape)
     theta = torch.acos(dot)
     s = torch.sin(theta)
     return (torch.sin((1 - t) * theta) / s * a + torch.sin(t * theta) / s * b).reshape(base.shape)
 
 
-def sce(base, tensors, *, select_topk: float = 1.0, variant: str = "code", int8_mask: bool = False):
-    """FuseChat SCE: Select by cross-model variance, Calculate η ∝ mean(δ²), Erase minority signs.
+@merge_method
+def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, variant: Literal["code", "paper"] = "code",
+        int8_mask: bool = False) -> Tensor:
+    """SCE (FuseChat, Wan et al. 2024, arXiv 2408.07990): Select by cross-model variance, Calculate
+    η ∝ mean(δ²), Erase minority signs.
 
     variant="code" (default, = released code and mergekit): Φ = θ + Σ ηⱼ keepⱼ δⱼ / Σ ηⱼ keepⱼ.
-    variant="paper" (eq. 9): Φ = θ + Σ ηⱼ keepⱼ δⱼ, no divisor.
+    variant="paper" (eq. 9; fusionlab only): Φ = θ + Σ ηⱼ keepⱼ δⱼ, no divisor.
     """
+    if variant not in ("code", "paper"):
+        raise FusionlabError(f"Unknown sce variant {variant!r}; use code (released code, default) or paper (eq. 9).")
+    mask_dtype = torch.int8 if int8_mask else None
     n = len(tensors)
     tvs = torch.empty((n, *base.shape), dtype=base.dtype, device=base.device)
     for i, t in enumerate(tensors):
         torch.sub(t, base, out=tvs[i])
     if select_topk < 1:
-        tvs.mul_(sce_select_mask(tvs, select_topk).unsqueeze(0))
+        tvs.mul_(sce_select_mask(tvs, select_topk, mask_dtype).unsqueeze(0))
     eta = tvs.square().reshape(n, -1).mean(dim=1)
     total = float(eta.sum())
     eta = (torch.ones_like(eta) / n if abs(total) < 1e-6 else eta / total).reshape(n, 1)
-    if variant not in ("code", "paper"):
-        raise FusionlabError(f"Unknown sce variant {variant!r}; use code (released code, default) or paper (eq. 9).")
 
-    def erase_and_average(d: torch.Tensor) -> torch.Tensor:
-        weights = eta * sign_consensus(d, "sum")
+    def erase_and_average(d: Tensor) -> Tensor:
+        weights = eta * sign_consensus(d, "sum", mask_dtype)
         merged = (d * weights).sum(dim=0)
         return merged / weights.sum(dim=0).clamp(min=1e-6) if variant == "code" else merged
 
     return _add_per_entry(base, tvs, erase_and_average)
 
 
-def sce_select_mask(tvs: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the top ``density`` fraction (of the non-zero-variance entries) by variance across models."""
+def sce_select_mask(tvs: Tensor, density: float, mask_dtype: torch.dtype | None = None) -> Tensor:
+    """Keep the top ``density`` fraction (of the non-zero-variance entries) by variance across models
+    (a mask of ``mask_dtype``, default the deltas' dtype)."""
+    dtype = mask_dtype or tvs.dtype
     if density <= 0:
-        return torch.zeros_like(tvs[0])
+        return torch.zeros_like(tvs[0], dtype=dtype)
     if density >= 1:
-        return torch.ones_like(tvs[0])
+        return torch.ones_like(tvs[0], dtype=dtype)
     var = population_variance(tvs)  # = torch.var(tvs, dim=0, unbiased=False), bit for bit
     k = int(int(torch.count_nonzero(var)) * density)
     if k == 0:
-        return torch.zeros_like(var)
+        return torch.zeros_like(var, dtype=dtype)
     return reference_prefix_mask(var.abs().reshape(-1), k, descending=True, kind="topk",
-                                 overwrite=True).reshape(var.shape).to(var.dtype)
+                                 overwrite=True).reshape(var.shape).to(dtype)
 
 
-def varm(base, tensors):
-    """FuseChat-v1 VaRM: per tensor, wⱼ ∝ mean((φⱼ − θ_pivot)²); result Σ wⱼ φⱼ (uniform if all equal the pivot)."""
+@merge_method
+def varm(base: Tensor, tensors: list[Tensor]) -> Tensor:
+    """VaRM (FuseChat v1, arXiv 2402.16107): per tensor, wⱼ ∝ mean((φⱼ − θ_pivot)²); result Σ wⱼ φⱼ
+    (uniform if all equal the pivot). The base is the pivot."""
     var = torch.stack([(t - base).square().mean() for t in tensors])
     total = var.sum()
     w = torch.full_like(var, 1 / len(tensors)) if total <= 0 else var / total
@@ -313,77 +385,3 @@ def varm(base, tensors):
     for t, wj in zip(tensors, w):
         result.add_(t * wj)
     return result
-
-
-# --------------------------------------------------------------------------- registry
-@dataclass(frozen=True)
-class Method:
-    """A merge function plus its parameters (name → default; ``REQUIRED`` if none), as in mergekit."""
-
-    name: str
-    fn: Callable[..., torch.Tensor]
-    shared: dict[str, Any] = field(default_factory=dict)  # one value for all models (may vary per tensor)
-    per_model: dict[str, Any] = field(default_factory=dict)  # one value per model (and per tensor)
-    base: str = "required"  # required | input (the base is one more input, linear) | none
-    min_models: int = 1  # non-base models
-    max_models: int | None = None
-    random: bool = False  # uses a seeded generator
-
-    def params(self) -> set[str]:
-        return set(self.shared) | set(self.per_model)
-
-
-_GTA_SHARED = {"int8_mask": False, "lambda": 1.0, "rescale_norm": "l1"}
-
-
-def _gta(name, fn, normalize, rescale, random=False, magnitude=False, **extra_per_model):
-    extra = {"tie_break": "mergekit"} if magnitude else {}  # fusionlab only: mergekit (exact) | index (O(n))
-    return Method(name, fn, shared={**_GTA_SHARED, "normalize": normalize, "rescale": rescale, **extra},
-                  per_model={"weight": REQUIRED, "density": 1.0, **extra_per_model}, random=random)
-
-
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("linear", linear, shared={"normalize": True}, per_model={"weight": REQUIRED}, base="input"),
-    _gta("task_arithmetic", task_arithmetic, normalize=False, rescale=False),
-    _gta("ties", ties, normalize=True, rescale=False, magnitude=True),
-    _gta("dare_linear", dare_linear, normalize=False, rescale=True, random=True),
-    _gta("dare_ties", dare_ties, normalize=False, rescale=True, random=True),
-    _gta("breadcrumbs", breadcrumbs, normalize=False, rescale=False, magnitude=True, gamma=0.01),
-    _gta("breadcrumbs_ties", breadcrumbs_ties, normalize=False, rescale=False, magnitude=True, gamma=0.01),
-    _gta("della", della, normalize=True, rescale=True, random=True, epsilon=0.15),
-    _gta("della_linear", della_linear, normalize=False, rescale=True, random=True, epsilon=0.15),
-    Method("model_stock", model_stock, shared={"filter_wise": False}, min_models=2),
-    Method("slerp", slerp, shared={"t": REQUIRED}, min_models=1, max_models=1),
-    Method("sce", sce, shared={"select_topk": 1.0, "variant": "code", "int8_mask": False}),
-    Method("varm", varm),
-]}
-
-
-def get_method(name: str) -> Method:
-    if name not in METHODS:
-        raise FusionlabError(f"Unknown merge method {name!r}; use one of {sorted(METHODS)}.")
-    return METHODS[name]
-
-
-def apply_method(method: Method, base: torch.Tensor | None, tensors: list[torch.Tensor],
-                 shared: dict[str, Any], per_model: list[dict[str, Any]],
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Call ``method.fn`` with resolved parameters (per-model values become lists)."""
-    kwargs = {("lambda_" if k == "lambda" else k): v for k, v in shared.items()}
-    for k in method.per_model:
-        kwargs[k] = [float(p[k]) for p in per_model]
-    if method.random:
-        kwargs["generator"] = generator
-    if method.fn in (linear,):
-        return method.fn(None, tensors, **kwargs)
-    return method.fn(base, tensors, **kwargs)
-
-
-def is_finite(t: torch.Tensor) -> bool:
-    """No NaN/inf in ``t``. One reduction; the exact elementwise check only when the sum is not finite."""
-    if not t.is_floating_point():
-        return True
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
-
-
-__all__ = ["METHODS", "Method", "REQUIRED", "apply_method", "get_method"]

@@ -14,10 +14,10 @@ then the method's default.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from fusionlab.errors import FusionlabError
-from fusionlab.merge.methods import REQUIRED, Method
+from fusionlab.merge.registry import Parameter
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
@@ -62,41 +62,23 @@ def evaluate(setting: Any, tensor_name: str, t: float) -> Any:
     raise FusionlabError(f"Unexpected parameter value {setting!r} (type {type(setting).__name__}).")
 
 
-def check_names(method: Method, settings: Mapping[str, Any] | None, where: str) -> None:
-    """Fail on a parameter the method does not know (a typo would otherwise be silently ignored)."""
-    unknown = sorted(set(settings or {}) - method.params())
-    if unknown:
-        raise FusionlabError(
-            f"Unknown parameter(s) {unknown} for merge method {method.name!r} in {where}; "
-            f"valid parameters are {sorted(method.params())}."
-        )
-
-
-def _coerce(name: str, value: Any, default: Any) -> Any:
-    if isinstance(default, bool) or isinstance(value, bool):
-        return bool(value)
-    if (isinstance(default, float) or default is REQUIRED) and isinstance(value, (int, float)):
-        return float(value)
-    return value
-
-
-def resolve(names: Mapping[str, Any], scopes: list[Mapping[str, Any] | None], tensor_name: str, t: float,
+def resolve(parameters: Iterable[Parameter], scopes: list[Mapping[str, Any] | None], tensor_name: str, t: float,
             who: str) -> dict[str, Any]:
-    """Resolve each parameter in ``names`` (name → default) for one tensor, first scope wins."""
+    """Each parameter's value for one tensor (first scope that sets it wins, then its default), checked."""
     out = {}
-    for name, default in names.items():
+    for p in parameters:
         value = None
         for scope in scopes:
-            if scope and name in scope:
-                value = evaluate(scope[name], tensor_name, t)
+            if scope and p.name in scope:
+                value = evaluate(scope[p.name], tensor_name, t)
                 if value is not None:
                     break
         if value is None:
-            if default is REQUIRED:
+            if p.required:
                 raise FusionlabError(
-                    f"Missing required merge parameter {name!r} for {who} at tensor {tensor_name!r}; "
+                    f"Missing required merge parameter {p.name!r} for {who} at tensor {tensor_name!r}; "
                     f"set it under that model's parameters or the global merge.parameters."
                 )
-            value = default
-        out[name] = _coerce(name, value, default)
+            value = p.default
+        out[p.name] = p.check(value, f"{who} at tensor {tensor_name!r}")
     return out

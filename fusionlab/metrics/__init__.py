@@ -1,7 +1,10 @@
-"""Metrics on models and their outputs (Diff-eRank, ...)."""
-from fusionlab.metrics.diff_erank import (DiffERankResult, DiffERankSettings, batched_entropy, dataset_eranks, erank,
-                                          evaluate_diff_erank, load_texts, matrix_entropy, model_entropies,
-                                          untrained_twin)
+"""Metrics on models and their outputs: the representation-metrics suite (Diff-eRank, matrix entropy,
+curvature, LiDAR, DiME, InfoNCE, nuclear norm), per layer from one forward pass."""
+from fusionlab.metrics.diff_erank import evaluate_diff_erank, load_texts, model_entropies
+from fusionlab.metrics.representation import (Tokens, curvature, dataset_entropy, dataset_eranks, dime, erank,
+                                              infonce, lidar, matrix_entropy, nuclear_norm, prompt_entropy)
+from fusionlab.metrics.suite import METRICS, MetricConfig, MetricsResult, evaluate_model, measure, untrained_twin
 
-__all__ = ["DiffERankResult", "DiffERankSettings", "batched_entropy", "dataset_eranks", "erank",
-           "evaluate_diff_erank", "load_texts", "matrix_entropy", "model_entropies", "untrained_twin"]
+__all__ = ["METRICS", "MetricConfig", "MetricsResult", "Tokens", "curvature", "dataset_entropy", "dataset_eranks",
+           "dime", "erank", "evaluate_diff_erank", "evaluate_model", "infonce", "lidar", "load_texts",
+           "matrix_entropy", "measure", "model_entropies", "nuclear_norm", "prompt_entropy", "untrained_twin"]

@@ -136,3 +136,107 @@ def test_mined_maps_to_minimum_edit_distance_on_a_small_vocabulary(tmp_path):
 def test_unknown_align_option_is_named():
     with pytest.raises(FusionlabError, match=r"\['neighbourhood'\].*vecmap_csls"):
         align(_Head(3), None, _Head(3), None, "vecmap_csls", neighbourhood=1)
+
+
+def _levenshtein(a: str, b: str) -> int:
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def test_mined_core_is_the_first_minimum_edit_distance_in_any_block_size():
+    import random
+
+    from fusionlab.align.vocab import nearest_by_edit_distance
+
+    rng = random.Random(0)
+    words = lambda n, m: ["".join(rng.choice("abcé") for _ in range(rng.randint(1, m))) for _ in range(n)]  # noqa: E731
+    queries, candidates = words(120, 5), words(60, 4)
+    expected = []
+    for q in queries:
+        d = [_levenshtein(q, c) for c in candidates]
+        expected.append(d.index(min(d)))  # the first candidate on ties
+    for max_cells in (60, 61 * 7, 2**26):  # one query per block, ragged blocks, one block
+        assert nearest_by_edit_distance(queries, candidates, max_cells=max_cells).tolist() == expected
+    assert nearest_by_edit_distance([], candidates).tolist() == []
+    with pytest.raises(FusionlabError, match="candidate"):
+        nearest_by_edit_distance(["a"], [])
+
+
+def test_surface_index_is_the_one_exact_match():
+    from fusionlab.align.vocab import surface_index
+
+    surfaces = [b"\n", b"a", b"\n", b"", None, b"a", b"b"]
+    raw = ["<0x0A>", "a", "\n", "", None, "a", "<b>"]
+    assert surface_index(surfaces, raw) == {b"\n": 2, b"a": 1, b"b": 6}  # shortest raw spelling, else the first id
+    assert surface_index(surfaces) == {b"\n": 0, b"a": 1, b"b": 6}  # no raw spellings: the first id
+    assert surface_index(surfaces, raw, skip={6}, limit=3) == {b"\n": 2, b"a": 1}
+
+
+def test_method_options_are_read_from_the_signature(tmp_path):
+    import dataclasses
+
+    from fusionlab.align.methods import ALIGN_METHODS, AlignOptions, align_method
+
+    calls = []
+
+    def shifted(aux_model, aux_tok, main_model, main_tok, *, seed_mode: str, shift: int = 1,
+                progress: bool = False) -> Alignment:
+        """Aux id i -> main id i + shift (a method defined in one place: this function)."""
+        calls.append({"seed_mode": seed_mode, "shift": shift, "progress": progress})
+        n = output_embeddings_rows(aux_model)
+        cols = ((torch.arange(n) + shift) % n)[:, None]
+        return Alignment(cols, torch.ones(n, 1), n, "shifted", {"p_at_1": 0.0})
+
+    try:
+        align_method(shifted)
+        options = ALIGN_METHODS["shifted"].options
+        assert issubclass(options, AlignOptions) and options.__name__ == "ShiftedOptions"
+        fields = {f.name: f.default for f in dataclasses.fields(options)}
+        assert fields["shift"] == 1 and fields["name"] == "shifted" and fields["seed_mode"] == "normalized"
+        tok = _word_tokenizer(["[u]", "a", "b", "c", "d"])
+        a = align(_Head(5), tok, _Head(5), tok, "shifted", shift=2, progress=True, cache_dir=tmp_path)
+        assert a.cols[1:, 0].tolist() == [3, 4, 0, 1]  # (id 0, the unk token, maps by role)
+        assert calls == [{"seed_mode": "normalized", "shift": 2, "progress": True}]
+        with pytest.raises(FusionlabError, match=r"\['shfit'\].*shifted"):
+            align(_Head(5), None, _Head(5), None, "shifted", shfit=2)
+
+        def restated(aux_model, aux_tok, main_model, main_tok, *, holdout: float = 0.2) -> Alignment:
+            raise AssertionError("never called")
+
+        with pytest.raises(TypeError, match="holdout"):  # a shared option's default is stated once, in AlignOptions
+            align_method(restated)
+        assert "restated" not in ALIGN_METHODS
+    finally:
+        ALIGN_METHODS.pop("shifted", None)
+
+
+def output_embeddings_rows(model) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def test_align_method_options_are_typed_at_compose(compose):
+    from fusionlab.schema import validate
+
+    cfg = compose(["+experiment=eva_addsub"])
+    assert type(validate(cfg).align_method).__name__ == "VecmapCslsOptions"
+    assert cfg.align_method.aux_vocab_cutoff == 16384 and cfg.align_method.k == 10  # experiment value + code default
+    assert validate(compose(["+experiment=eva_addsub", "align_method=exact"])).align_method.aux_vocab_cutoff == 16384
+    from fusionlab.schema import config_error_message
+
+    for overrides, named in [(["align_method.k=abc"], "'abc' of type 'str' could not be converted to Integer"),
+                             (["align_method=exact", "align_method.k=3"], "Key 'k' not in 'ExactOptions'")]:
+        with pytest.raises(Exception) as err:  # at compose: the CLI prints this message and exits 2
+            compose(["+experiment=eva_addsub", *overrides])
+        assert named in config_error_message(err.value)
+    for bad, match in [("align_method.k=0", r"align_method\.k=0 .* >= 1"),
+                       ("align_method.holdout=1.0", r"align_method\.holdout=1\.0 .* \[0, 1\)"),
+                       ("align_method.seed_mode=bytes", r"seed_mode='bytes'"),
+                       ("align_method.std_filter=[5]", r"std_filter"),
+                       ("align_method.name=exact", r"does not match"),
+                       ("+align_method.kk=3", r"\['kk'\] in align_method")]:
+        with pytest.raises(FusionlabError, match=match):
+            validate(compose(["+experiment=eva_addsub", bad]))

@@ -6,9 +6,10 @@ import math
 import numpy as np
 import pytest
 
+from fusionlab.align.mapping import build_vocab_map
+from fusionlab.align.token_align import align_tokens, dtw_path
+from fusionlab.align.vocab import strip_marker, token_surfaces
 from fusionlab.distill.dist_align import align_distribution, build_fused_dataset, dedupe_topk
-from fusionlab.distill.token_align import align_tokens, dtw_path
-from fusionlab.distill.vocab import build_vocab_map, strip_marker, token_surfaces
 from fusionlab.errors import FusionlabError
 
 
@@ -134,6 +135,12 @@ def test_token_surfaces_agree_across_tokenizer_families(smol_tok, gemma_tok):
         assert ps[p] == gs[g] == text
     em = build_vocab_map("em", range(2000, 2100), gs, ps)
     assert (em[2000:2100] >= 0).mean() > 0.3  # thousands of shared surfaces
+    # one exact match for EVA and FuseChat: the EM map agrees with EVA's seed dictionary on every shared token
+    from fusionlab.align import seed_dictionary
+
+    pairs = seed_dictionary(gemma_tok, smol_tok).numpy()
+    em = build_vocab_map("em", pairs[:, 0], gs, ps)
+    assert len(pairs) > 40000 and (em[pairs[:, 0]] == pairs[:, 1]).all()
 
 
 SRC = [" hello", "hellp", " worl", "xyz", "<s>"]

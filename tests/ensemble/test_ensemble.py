@@ -1,4 +1,5 @@
-"""EVA decoding: filter truth table, identity ensembles, cache equivalence, text synchronisation."""
+"""EVA decoding: filter truth table, identity ensembles under every rule, gates, union top-k, cache
+equivalence, parallel members, text synchronisation, the member-vs-ensemble evaluation."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,10 @@ import torch
 
 from fusionlab.align import Alignment, align
 from fusionlab.align.vocab import token_bytes
-from fusionlab.ensemble import EvaDecoder, TextSync, complete_utf8, drop_filter, linear_sum, uniform
+from fusionlab.ensemble import (CANDIDATES, COMBINERS, GATES, EvaDecoder, Member, Projection, TextSync, complete_utf8,
+                                confidence, drop_filter, evaluate_ensemble, linear_sum, uniform)
+from fusionlab.ensemble.candidates import union
+from fusionlab.metrics.stats import wilson_interval
 
 PROMPTS = ["Hello there, how", "The answer is", "A much longer prompt with many words in it to pad"]
 
@@ -24,7 +28,22 @@ def test_drop_filter_truth_table():
     assert drop_filter(d, None)[:, 0].tolist() == [True, True, True]
     keep = torch.tensor([[True], [True], [False]])
     assert torch.allclose(uniform(d, keep), (d[0] + d[1]) / 2)
-    assert torch.allclose(linear_sum(d, keep, [0.25, 0.25]), 0.5 * d[0] + 0.25 * d[1] + 0.25 * d[2])
+    everyone = torch.ones(3, 1, dtype=torch.bool)
+    assert torch.allclose(linear_sum(d, everyone, [0.25, 0.25]), 0.5 * d[0] + 0.25 * d[1] + 0.25 * d[2])
+    # the drop filter applies to linear_sum too (it used to be ignored): kept weights renormalised
+    assert torch.allclose(linear_sum(d, keep, [0.25, 0.25]), (0.5 * d[0] + 0.25 * d[1]) / 0.75)
+    # the reference's weights=[1.0]: main weight 0; if only the main model is kept, every model's weight is used
+    assert torch.allclose(linear_sum(d, torch.tensor([[True], [False], [False]]), [1.0, 0.0]), d[1])
+    # confidence: weights = each kept model's top-1 probability (0.5, 0.5 here; m2 dropped)
+    assert torch.allclose(confidence(d, keep), (d[0] + d[1]) / 2)
+    assert torch.allclose(confidence(d, everyone), (0.5 * d[0] + 0.5 * d[1] + 0.7 * d[2]) / 1.7)
+
+
+def test_drop_filter_can_keep_the_main_model():
+    # m0's argmax (0) is in nobody's top-1, but m1 and m2 agree on 3
+    d = torch.tensor([[[.6, .4, 0., 0.]], [[0., .1, .2, .7]], [[0., 0., .4, .6]]])
+    assert drop_filter(d, 1)[:, 0].tolist() == [False, True, True]
+    assert drop_filter(d, 1, keep_main=True)[:, 0].tolist() == [True, True, True]
 
 
 def _greedy(model, tok, prompts, n):
@@ -34,12 +53,117 @@ def _greedy(model, tok, prompts, n):
     return [tok.decode(r) for r in out[:, enc.input_ids.shape[1]:]]
 
 
-def test_identity_ensemble_reproduces_greedy(tiny_pair):
+@pytest.fixture(scope="module")
+def main_greedy(tiny_pair):
+    (m, t), _ = tiny_pair
+    return _greedy(m, t, PROMPTS, 12)
+
+
+@pytest.mark.parametrize("gate", sorted(GATES))
+@pytest.mark.parametrize("combiner", sorted(COMBINERS))
+@pytest.mark.parametrize("candidates", sorted(CANDIDATES))
+def test_identity_ensemble_reproduces_greedy(tiny_pair, main_greedy, candidates, combiner, gate):
+    """A model ensembled with itself (identity alignment) is the model alone, under every rule."""
     (m, t), _ = tiny_pair
     ident = Alignment.identity(m.get_output_embeddings().weight.shape[0])
-    d = EvaDecoder((m, t), [(m, t)], [ident], topk=320, drop=5)
+    d = EvaDecoder((m, t), [(m, t)], [ident], topk=320, drop=5, candidates=candidates, combiner=combiner, gate=gate)
     d.eos = set()  # a random model may hit EOS at any point; compare full lengths
-    assert d.generate(PROMPTS, max_new_tokens=12).texts == _greedy(m, t, PROMPTS, 12)
+    out = d.generate(PROMPTS, max_new_tokens=12)
+    assert out.texts == main_greedy
+    assert out.stats["aux_unmapped_0"] == 0  # the identity maps everything
+
+
+def test_gate_threshold_0_is_the_main_model_and_1_is_plain_eva(tiny_pair, exact_alignment):
+    (m, t), aux = tiny_pair
+
+    def run(**kw):
+        d = EvaDecoder((m, t), [aux], [exact_alignment], topk=50, drop=None, **kw) if kw != {"alone": 1} else \
+            EvaDecoder((m, t), topk=50)
+        d.eos = set()
+        return d.generate(PROMPTS, max_new_tokens=8)
+
+    alone, eva = run(alone=1), run(gate="always")
+    never, every = run(gate="confidence", gate_threshold=0.0), run(gate="confidence", gate_threshold=1.0)
+    assert alone.texts != eva.texts  # the aux model changes something here, so the equalities below can fail
+    assert never.texts == alone.texts and every.texts == eva.texts
+    assert never.stats["ensembled_row_steps"] == never.stats["aux_forward_steps"] == 0
+    assert never.stats["forward_tokens"] == alone.stats["forward_tokens"]  # the aux model never ran
+    assert every.stats["ensembled_row_steps"] == every.stats["row_steps"] == eva.stats["row_steps"]
+    # SAFE's consensus skip: skipping where all members agree on top-1 never changes a greedy output
+    assert run(gate="disagree").texts == eva.texts
+
+
+def test_members_in_parallel_equal_members_in_turn(tiny_pair, exact_alignment):
+    (m, t), aux = tiny_pair
+    outs = []
+    for parallel in (True, False):
+        d = EvaDecoder((m, t), [aux], [exact_alignment], topk=50, drop=3, parallel=parallel, threads=1)
+        d.eos = set()
+        outs.append(d.generate(PROMPTS, max_new_tokens=6))
+    assert outs[0].texts == outs[1].texts and outs[0].stats == outs[1].stats
+
+
+def _alignment(cols, vals, main_vocab):
+    return Alignment(torch.tensor(cols), torch.tensor(vals, dtype=torch.float32), main_vocab)
+
+
+def test_union_topk_on_a_constructed_pair():
+    """Main and aux vocabularies of 4 tokens, k=2 (hand-computed in the comments)."""
+    ln = torch.log
+    main = ln(torch.tensor([[4., 2., 1., 1.]]))  # top-2: {0, 1}
+    aux = ln(torch.tensor([[4., 1., 3., 2.]]))  # p = (.4, .1, .3, .2); top-2: {0, 2}
+    # aux0 -> main1; aux1 -> main3; aux2 -> main2 (0.5, its strongest) and main0 (0.25); aux3 -> main2
+    proj = Projection(_alignment([[1, -1], [3, -1], [2, 0], [2, -1]], [[1., 0.], [1., 0.], [.5, .25], [1., 0.]], 4))
+    dists, unmapped = union([main, aux], [proj], k=2, main_vocab=4)
+    # U = {0, 1} ∪ {strongest of aux0 = 1, strongest of aux2 = 2} = {0, 1, 2}
+    assert torch.allclose(dists[0, 0], torch.tensor([4 / 7, 2 / 7, 1 / 7, 0.]))
+    # aux mass onto U: u0 = .25·.3, u1 = 1·.4, u2 = .5·.3 + 1·.2 -> (.075, .4, .35) / .825
+    assert torch.allclose(dists[1, 0], torch.tensor([1 / 11, 16 / 33, 14 / 33, 0.]))
+    assert unmapped.tolist() == [[0.0]]
+    assert uniform(dists, torch.ones(2, 1, dtype=torch.bool)).argmax().item() == 1  # the main model alone says 0
+    # UniTE's own hand case (one vocabulary): logits A = (0, 0, 0), B = (ln 3, 0, 0)
+    a, b = torch.zeros(1, 3), torch.tensor([[float(ln(torch.tensor(3.))), 0., 0.]])
+    dists, _ = union([a, b], [Projection(Alignment.identity(3))], k=3, main_vocab=3)
+    assert torch.allclose(dists[1, 0], torch.tensor([.6, .2, .2]))
+    assert torch.allclose(dists.mean(dim=0)[0], torch.tensor([7 / 15, 4 / 15, 4 / 15]))
+
+
+def test_mass_onto_equals_the_dense_projection():
+    g = torch.Generator().manual_seed(0)
+    cols = torch.randint(-1, 30, (50, 3), generator=g)
+    proj = Projection(Alignment(cols, torch.rand(50, 3, generator=g), 30))
+    probs = torch.softmax(torch.randn(2, 50, generator=g), dim=-1)
+    dense_s = proj.alignment.to_sparse().to_dense()
+    rows, targets = torch.tensor([0, 0, 1, 1, 1]), torch.tensor([3, 7, 0, 7, 29])
+    assert torch.allclose(proj.mass_onto(probs, rows, targets), (probs @ dense_s)[rows, targets])
+
+
+def test_evaluate_ensemble_report(tiny_pair, exact_alignment):
+    from fusionlab.ensemble import DecodingOptions
+    from fusionlab.tasks import load_examples
+
+    (m, t), (g, gt) = tiny_pair
+    examples = load_examples("addsub", limit=3)
+    members = [Member("main", m, t, True), Member("aux", g, gt, False)]
+    seen = []
+    report = evaluate_ensemble(members, [exact_alignment], "addsub", examples,
+                               DecodingOptions(topk=20, gate="confidence", gate_threshold=0.0), 4, batch_size=2,
+                               bootstrap_samples=200, on_batch=lambda tag, out: seen.append(tag))
+    r = report.metrics
+    assert seen == ["main", "main", "aux", "aux", "ensemble", "ensemble"]  # batches of 2 over 3 examples
+    assert len(report.rows) == 3 and report.systems == ["main", "aux", "ensemble"]
+    for s in report.systems:
+        n_right = sum(bool(row[f"{s}_correct"]) for row in report.rows)
+        assert r[f"{s}_accuracy"] == n_right / 3
+        assert (r[f"{s}_accuracy_ci_low"], r[f"{s}_accuracy_ci_high"]) == \
+            tuple(round(x, 4) for x in wilson_interval(n_right, 3))
+    assert r["best_member"] in ("main", "aux")
+    assert r["ensemble_minus_best_accuracy"] == round(r["ensemble_accuracy"] - r[f"{r['best_member']}_accuracy"], 4)
+    assert r["ensemble_gate_fired_frac"] == 0.0 and r["ensemble_aux_forward_frac"] == 0.0  # threshold 0: never
+    assert [row["ensemble_output"] for row in report.rows] == [row["main_output"] for row in report.rows]
+    assert r["ensemble_step_vs_slowest"] > 0 and r["threads_per_member"] >= 1
+    table = report.table()
+    assert "ensemble - best member" in table and "gate fired on 0.0%" in table
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +235,11 @@ def test_cli_eva_addsub(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("ensemble_accuracy", "smollm2_135m_accuracy", "gemma3_270m_accuracy", "align_gemma3_270m_p_at_1",
-                "ensemble_filter_kept_2_frac", "ensemble_tokens_per_s", "ensemble_speed_vs_members"):
+                "ensemble_filter_kept_2_frac", "ensemble_tokens_per_s", "ensemble_speed_vs_members",
+                "ensemble_step_vs_slowest", "ensemble_gate_fired_frac", "ensemble_gemma3_270m_unmapped_mass",
+                "smollm2_135m_accuracy_ci_high", "ensemble_accuracy_ci_low", "ensemble_minus_best_accuracy_ci_low"):
         assert key in metrics, key
+    assert metrics["ensemble_gate_fired_frac"] == 1.0  # the default gate (always) never skips a step
+    assert "ensemble - best member" in res.stderr + res.stdout  # the comparison table at the end
     assert metrics["align_gemma3_270m_p_at_1"] > 0.5
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 2

@@ -115,6 +115,37 @@ def test_errors_write_nothing(tmp_path, family, case):
     _assert_nothing_written(out)
 
 
+def test_plan_is_typed_and_reads_no_tensor(tmp_path, family):
+    from fusionlab.merge import MergePlan, plan
+
+    c = cfg(tmp_path / "out", "ties", base=str(family["base"]), parameters={"density": [0.2, 0.8], "normalize": False},
+            models=[{"model": str(family["m0"]), "parameters": {"weight": 1}}, str(family["m1"])])
+    with pytest.raises(FusionlabError, match=r"Missing required merge parameter 'weight' for model '.*m1'"):
+        plan(c)
+    c.parameters["weight"] = 0.5
+    p = plan(c)
+    assert isinstance(p, MergePlan) and [i.label for i in p.inputs][0].startswith("base model")
+    assert not any(i.reader._mapped._maps for i in p.inputs)  # headers only: no file was mapped
+    by_name = {t.name: t for t in p.tensors}
+    t = by_name["model.layers.1.mlp.up_proj.weight"]
+    assert t.shared["normalize"] is False and t.shared["tie_break"] == "mergekit"
+    assert [m["weight"] for m in t.per_model] == [1.0, 0.5] and t.per_model[0]["density"] == pytest.approx(0.5)
+    assert by_name["model.embed_tokens.weight"].per_model[1]["density"] == pytest.approx(0.2)  # t = 0 outside layers
+
+
+def test_a_bad_value_in_a_filter_list_fails_at_plan_time(tmp_path, family):
+    out = tmp_path / "out"
+    params = {"rescale": True, "rescale_norm": [{"filter": "mlp", "value": "l3"}, {"value": "l1"}]}
+    with pytest.raises(FusionlabError, match=r"'rescale_norm' = 'l3' .*mlp.* must be one of"):
+        merge(cfg(out, "ties", base=str(family["base"]), parameters=params,
+                  models=[{"model": str(family["m0"]), "parameters": {"weight": 1.0}}]))
+    _assert_nothing_written(out)
+    # a shared parameter set for one model would be ignored: refused
+    with pytest.raises(FusionlabError, match=r"\['rescale'\] of merge method 'ties' .* one value for all models"):
+        cfg(out, "ties", base=str(family["base"]), models=[{"model": str(family["m0"]), "parameters": {"weight": 1.0,
+                                                                                                     "rescale": True}}])
+
+
 def test_existing_output_is_kept_unless_overwrite(tmp_path, family):
     out = tmp_path / "out"
     out.mkdir()

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fusionlab.merge import exact as S
+from fusionlab.merge.fast import exact as S
 
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="torch's CPU sort is libstdc++'s only on Linux builds")
 

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ from fusionlab.merge.io import CheckpointReader
 
 from .conftest import load_dir
 
-REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_merge_cli_end_to_end(tmp_path, family):
@@ -21,7 +25,7 @@ def test_merge_cli_end_to_end(tmp_path, family):
     models = (f"[{{model: '{family['m0']}', parameters: {{weight: 1.0}}}}, "
               f"{{model: '{family['m1']}', parameters: {{weight: 0.5}}}}]")
     cmd = [sys.executable, "-m", "fusionlab.run", "+experiment=merge", "merge_method=task_arithmetic",
-           f"merge.base={family['base']}", f"merge.models={models}", "merge.parameters.lambda=0.5",
+           f"merge.base={family['base']}", f"merge.models={models}", "+merge.parameters.lambda=0.5",
            "logger=none", f"hydra.run.dir={run_dir}"]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -36,7 +40,7 @@ def test_bad_parameter_through_the_job_writes_nothing(tmp_path, family, compose)
     from fusionlab.errors import FusionlabError
     from fusionlab.run import run
 
-    cfg = compose(["+experiment=merge", f"merge.base={family['base']}", f"merge.models=['{family['m0']}']",
+    cfg = compose(["+experiment=merge", f"merge.base={family['base']}", f"merge.models=[{{model: '{family['m0']}'}}]",
                    "+merge.parameters.lamda=0.5", "logger=none"], tmp_path / "run")
     with pytest.raises(FusionlabError, match="lamda"):
         run(cfg)
@@ -76,7 +80,7 @@ def tiny_hf(tmp_path_factory):
     return out
 
 
-FAST = ["merge.derive.{n}.steps=1", "merge.derive.{n}.max_length=16", "merge.derive.{n}.batch_size=1"]
+FAST = ["{node}.derive.{n}.steps=1", "{node}.derive.{n}.max_length=16", "{node}.derive.{n}.batch_size=1"]
 
 
 @pytest.mark.parametrize("experiment,derived", [("chat_vector", ["chat", "cp"]), ("sce_merge", ["chat", "addsub"])])
@@ -84,8 +88,9 @@ def test_experiments_run_on_a_tiny_base(tmp_path, tiny_hf, compose, monkeypatch,
     from fusionlab.run import run
 
     monkeypatch.setenv("FUSIONLAB_CACHE", str(tmp_path / "cache"))
-    over = [f"+experiment={experiment}", f"merge.base={tiny_hf}", "logger=none", "merge.eval.max_length=16"]
-    over += [o.format(n=n) for n in derived for o in FAST]
+    node = "chat_vector" if experiment == "chat_vector" else "merge"
+    over = [f"+experiment={experiment}", f"{node}.base={tiny_hf}", "logger=none", f"{node}.eval.max_length=16"]
+    over += [o.format(node=node, n=n) for n in derived for o in FAST]
     if experiment == "sce_merge":  # two of the three fine-tunes and one eval set keep this test short
         over += ["merge.models=[{model: 'derived:chat'}, {model: 'derived:addsub'}]", "~merge.derive.e2e",
                  "~merge.eval.sets.addsub", "~merge.eval.sets.e2e"]
@@ -114,3 +119,43 @@ def test_all_merge_method_configs_compose(compose, tmp_path):
     for name in METHODS:
         cfg = compose(["+experiment=merge", f"merge_method={name}"], tmp_path / name)
         assert cfg.merge.method == name and cfg.job == "merge"
+
+
+def test_bad_values_exit_2_before_any_model_loads(tmp_path):
+    """A bad parameter value, derive entry or chat vector ratio fails while the config is checked: no
+    fine-tune, no model load, nothing written (the fine-tunes of sce_merge would take minutes)."""
+    cases = [("sce_merge", "merge.parameters.select_topk=high", "'select_topk' = 'high'"),
+             ("sce_merge", "merge.derive.chat.kind=chatt", "Unknown text kind 'chatt'"),
+             ("merge", "merge.dtype=fp8", "Unknown merge.dtype 'fp8'"),
+             ("chat_vector", "chat_vector.ratio=[0.5,0.5]", r"chat_vector.ratio=\[0.5, 0.5\]: give a number, or a list of 1")]
+    for experiment, override, message in cases:
+        run_dir = tmp_path / experiment
+        res = subprocess.run([sys.executable, "-m", "fusionlab.run", f"+experiment={experiment}", override, "logger=none",
+                              f"hydra.run.dir={run_dir}"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "FUSIONLAB_CACHE": str(tmp_path / "cache")})
+        assert res.returncode == 2, res.stderr[-2000:]
+        assert "fusionlab: error:" in res.stderr and re.search(message, res.stderr), res.stderr[-2000:]
+        assert not (tmp_path / "cache" / "merge_fixtures").exists() and not (run_dir / "merged").exists()
+
+
+def test_perplexity_excludes_padding(tiny_hf):
+    """Batched (padded) perplexity = exp(total NLL / tokens) of each text scored alone, computed here directly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fusionlab.metrics.perplexity import perplexity, perplexity_table
+
+    texts = ["A short one.", "A much longer text with quite a few more tokens than the first one has.", "Mid length."]
+    tok = AutoTokenizer.from_pretrained(tiny_hf)
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf, dtype=torch.float32).eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for t in texts:
+            ids = tok(t, return_tensors="pt")["input_ids"]
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+            nll -= float(logp.gather(1, ids[0, 1:, None]).sum())
+            count += ids.shape[1] - 1
+    want = math.exp(nll / count)
+    assert abs(perplexity(tiny_hf, texts, batch_size=3) - want) < 1e-4 * want
+    table = perplexity_table({"tiny": tiny_hf}, {"a": texts, "b": texts[:1]}, batch_size=2)
+    assert abs(table["ppl/a/tiny"] - want) < 1e-3 * want
+    assert abs(table["ppl_mean/tiny"] - math.sqrt(table["ppl/a/tiny"] * table["ppl/b/tiny"])) < 1e-3

@@ -51,6 +51,8 @@ def configs(f):
                  "models": [{"model": p, "parameters": {"weight": w, "density": d}} for p, (w, d) in zip(m, dens)]},
         "breadcrumbs": {"base_model": str(f["base"]), "models": [
             {"model": p, "parameters": {"weight": w, "density": d, "gamma": 0.05}} for p, (w, d) in zip(m, dens)]},
+        "ties_int8_mask": {"merge_method": "ties", "base_model": str(f["base"]), "parameters": {"int8_mask": True},
+                           "models": [{"model": p, "parameters": {"weight": w, "density": d}} for p, (w, d) in zip(m, dens)]},
         "sce": {"base_model": str(f["base"]), "parameters": {"select_topk": 0.3}, "models": [{"model": p} for p in m]},
         "model_stock": {"base_model": str(f["base"]), "models": [{"model": p} for p in m]},
         "slerp": {"base_model": str(f["base"]), "parameters": {"t": [0, 0.3, 1]},

@@ -2,24 +2,27 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import pytest
 import torch
 
 from fusionlab.errors import FusionlabError
 from fusionlab.merge import methods as M
-from fusionlab.merge.methods import METHODS, apply_method
+from fusionlab.merge import params as P
+from fusionlab.merge.registry import METHODS, PerModel, get_method, merge_method
 
 T = lambda *v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
 
 
 def run(name, base, tensors, shared=None, per_model=None, seed=0):
-    m = METHODS[name]
-    shared = {**{k: v for k, v in m.shared.items() if v != M.REQUIRED}, **(shared or {})}
-    per_model = per_model or [{} for _ in tensors]
-    per_model = [{**{k: v for k, v in m.per_model.items() if v != M.REQUIRED}, **p} for p in per_model]
+    """One tensor through the engine's own path: resolve (defaults, type checks), then Method.apply."""
+    m = get_method(name)
+    shared = P.resolve([p for p in m.parameters if not p.per_model], [shared], "w", 0.0, name)
+    per_model = [P.resolve([p for p in m.parameters if p.per_model], [pm], "w", 0.0, name)
+                 for pm in (per_model or [{} for _ in tensors])]
     gen = torch.Generator().manual_seed(seed)
-    return apply_method(m, base, tensors, shared, per_model, gen)
+    return m.apply(base, tensors, shared, per_model, gen)
 
 
 def close(a, b, tol=1e-6):
@@ -146,19 +149,75 @@ def test_random_methods_density_one_deterministic_and_seeded(name):
     assert not torch.equal(run(name, base, ms, per_model=pm, seed=1), run(name, base, ms, per_model=pm, seed=2))
 
 
-def test_every_method_has_a_yaml_with_its_defaults():
+def test_every_method_has_a_yaml_stating_only_what_differs():
+    """conf/merge_method/<name>.yaml names the method; a parameter it sets is the method's and differs
+    from the signature's default (each default is written once, in the signature)."""
     from pathlib import Path
 
     import yaml
 
     conf = Path(__file__).resolve().parents[2] / "conf" / "merge_method"
+    assert {p.stem for p in conf.glob("*.yaml")} == set(METHODS)
     for name, m in METHODS.items():
         y = yaml.safe_load((conf / f"{name}.yaml").read_text())
         assert y["method"] == name
-        documented = {**m.shared, **m.per_model}
-        assert set(y["parameters"]) == set(documented), name
-        for k, v in documented.items():
-            assert y["parameters"][k] == (None if v == M.REQUIRED else v), (name, k)
+        defaults = {**m.shared, **m.per_model}
+        for k, v in (y.get("parameters") or {}).items():
+            assert k in defaults and v != defaults[k], (name, k)
+
+
+def test_parameters_are_read_from_the_signature():
+    @merge_method(name="_test_scaled_mean", min_models=2)
+    def scaled(base, tensors, *, weight: PerModel[float], gain: PerModel[float] = 2.0, lambda_: float = 1.0,
+               mode: Literal["a", "b"] = "a", generator: torch.Generator | None = None):
+        """Test method."""
+        return base + lambda_ * sum(w * g * (t - base) for t, w, g in zip(tensors, weight, gain))
+
+    try:
+        m = METHODS["_test_scaled_mean"]
+        assert m.shared == {"lambda": 1.0, "mode": "a"} and list(m.per_model) == ["weight", "gain"]
+        assert m.per_model["gain"] == 2.0 and next(p for p in m.parameters if p.name == "weight").required
+        assert m.random and m.min_models == 2 and m.summary == "Test method."
+        out = run("_test_scaled_mean", T(1, 1), [T(2, 1), T(1, 3)], {"lambda": 0.5}, [{"weight": 1}, {"weight": 1, "gain": 1}])
+        close(out, T(2, 2))  # 1 + 0.5 (2·(1,0) + 1·(0,2))
+        with pytest.raises(FusionlabError, match=r"'mode' = 'c' .* must be one of \['a', 'b'\]"):
+            m.check_names({"mode": "c"}, "merge.parameters")
+        with pytest.raises(FusionlabError, match=r"Unknown parameter\(s\) \['lamda'\]"):
+            m.check_names({"lamda": 1}, "merge.parameters")
+        with pytest.raises(FusionlabError, match="Missing required merge parameter 'weight'"):
+            run("_test_scaled_mean", T(1), [T(2), T(3)])
+    finally:
+        METHODS.pop("_test_scaled_mean", None)
+    with pytest.raises(TypeError, match="keyword-only"):
+        merge_method(lambda base, tensors, t=1.0: base, name="_test_bad")
+    with pytest.raises(TypeError, match="registered twice"):
+        merge_method(M.ties)
+    assert "_test_bad" not in METHODS
+
+
+def test_parameter_values_are_typed():
+    ties = get_method("ties")
+    for settings, match in [({"normalize": "yes"}, "true or false"), ({"rescale_norm": "l3"}, "one of"),
+                            ({"tie_break": "random"}, "one of"), ({"lambda": "big"}, "a number")]:
+        with pytest.raises(FusionlabError, match=match):
+            ties.check_names(settings, "merge.parameters")
+    # parameters a method does not honour are refused, not ignored (mergekit accepts and ignores these)
+    with pytest.raises(FusionlabError, match=r"\['density', 'int8_mask'\] for merge method 'task_arithmetic'"):
+        get_method("task_arithmetic").check_names({"density": 0.5, "int8_mask": True}, "merge.parameters")
+
+
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "breadcrumbs_ties", "della", "sce"])
+def test_int8_mask_is_honoured_and_changes_no_number(name):
+    """mergekit's int8_mask keeps the sign (and SCE selection) masks in int8: less memory, same result."""
+    base, ms = rand(64, 33), [rand(64, 33, seed=6), rand(64, 33, seed=7), rand(64, 33, seed=8)]
+    pm = [{} for _ in ms] if name == "sce" else [{"weight": 1, "density": 0.5}, {"weight": 0.7, "density": 0.6},
+                                                  {"weight": 0.2, "density": 0.5}]
+    shared = {"select_topk": 0.4} if name == "sce" else {}
+    plain = run(name, base, ms, {**shared, "int8_mask": False}, pm)
+    assert torch.equal(run(name, base, ms, {**shared, "int8_mask": True}, pm), plain)
+    d = torch.stack(ms) - base
+    assert torch.equal(M.sign_consensus(d, "sum", torch.int8), M.sign_consensus(d, "sum"))
+    assert torch.equal(M.sce_select_mask(d, 0.4, torch.int8), M.sce_select_mask(d, 0.4).to(torch.int8))
 
 
 def test_index_tie_break_is_a_stable_sort_and_differs_only_at_the_cut():

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fusionlab.errors import FusionlabError
-from fusionlab.metrics.diff_erank import (DiffERankSettings, batched_entropy, dataset_eranks, erank,
-                                          evaluate_diff_erank, load_texts, matrix_entropy, model_entropies, tokenize,
-                                          untrained_twin)
+from fusionlab.metrics.diff_erank import evaluate_diff_erank, load_texts, model_entropies
+from fusionlab.metrics.representation import Tokens, dataset_eranks, erank, matrix_entropy, prompt_entropy
+from fusionlab.metrics.suite import MetricConfig, tokenize, untrained_twin
 
 TINY = {"name": "tiny", "source": "random", "tokenizer": "smollm2_135m",
         "config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -77,7 +77,7 @@ def test_padding_never_enters_the_value(d):
     for i, r in enumerate(reps):
         batch[i, :len(r)] = r
         mask[i, :len(r)] = True
-    got = batched_entropy(batch, mask)
+    got = prompt_entropy(Tokens(batch, mask))
     want = torch.tensor([matrix_entropy(r) for r in reps], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
 
@@ -120,13 +120,13 @@ def test_untrained_twin_is_reproducible_for_a_seed():
 
 def test_evaluate_tiny_random_model_against_its_twin():
     texts = ["", "Hi", *load_texts(limit=3)]
-    same = evaluate_diff_erank(TINY, texts, DiffERankSettings(layers="all", seed=0, max_length=48))
-    m = same.metrics("tiny/")
+    same = evaluate_diff_erank(TINY, texts, MetricConfig(layers="all", seed=0, max_length=48))
+    m = same.flat("tiny/")
     assert m["tiny/n_texts"] == 3 and m["tiny/n_skipped"] == 2  # "" and "Hi" have < 2 tokens (no BOS)
-    assert m["tiny/layer"] == 2 and len(same.layer_rows("tiny")) == 3
+    assert m["tiny/layer"] == 2 and len(same.rows("tiny")) == 3
     assert m["tiny/diff_erank"] == 0.0  # a random model with the twin's seed IS its twin
-    other = evaluate_diff_erank({**TINY, "seed": 1}, texts, DiffERankSettings(seed=0, max_length=48))
-    m = other.metrics("t/", average="arithmetic")
+    other = evaluate_diff_erank({**TINY, "seed": 1}, texts, MetricConfig(seed=0, max_length=48, average="arithmetic"))
+    m = other.flat("t/")
     assert m["t/diff_erank"] == m["t/diff_erank_arith"] != 0.0
     assert m["t/diff_erank_arith"] == pytest.approx(m["t/erank_untrained_arith"] - m["t/erank_trained_arith"])
     assert m["t/erank_trained_geo"] <= m["t/erank_trained_arith"]  # AM-GM
@@ -171,7 +171,7 @@ def test_empty_text_sets(tmp_path):
     from fusionlab.models import ModelSpec, load_tokenizer
 
     tok = load_tokenizer(ModelSpec(source="embedded", path="smollm2_135m"))
-    with pytest.raises(FusionlabError, match="All 2 Diff-eRank texts have fewer than 2 tokens"):
+    with pytest.raises(FusionlabError, match="All 2 metric texts have fewer than 2 tokens"):
         tokenize(tok, ["", "a"])
 
 
@@ -194,9 +194,9 @@ def test_model_without_hidden_states():
 
 
 def test_bad_settings_name_the_key():
-    with pytest.raises(FusionlabError, match="layer_s"):
-        DiffERankSettings.from_dict({"layer_s": "all"})
+    with pytest.raises(TypeError, match="layer_s"):  # unknown keys: a TypeError here, a FusionlabError from Hydra
+        MetricConfig(layer_s="all")
     with pytest.raises(FusionlabError, match="median"):
-        DiffERankSettings.from_dict({"average": "median"})
+        MetricConfig(average="median")
     with pytest.raises(FusionlabError, match="layer 7 does not exist"):
         model_entropies(tiny_llama(), [[1, 2, 3]], layers=[7])

@@ -36,7 +36,7 @@ def test_experiment_composes_at_top_level(compose):
 def test_job_on_a_tiny_model(compose, tmp_path):
     out = tmp_path / "run"
     cfg = compose(["+experiment=diff_erank", "models=null", "model=tiny_llama", "metric.limit=3",
-                   "metric.max_length=32", "logger=none"], out)
+                   "metric.max_length=32", "logger=none", "objective=tiny_llama/diff_erank"], out)
     cfg = without_hydra_node(cfg)
     metrics = run(cfg)
     assert metrics["status"] == "ok" and metrics["n_models"] == 1
@@ -84,3 +84,34 @@ def test_missing_text_file_is_a_user_error(compose, tmp_path):
                                       "metric.texts=/no/such/texts.jsonl", "logger=none"]))
     with pytest.raises(FusionlabError, match="/no/such/texts.jsonl"):
         run(cfg)
+
+
+def test_representation_metrics_job_on_a_tiny_model(compose, tmp_path):
+    out = tmp_path / "run"
+    cfg = without_hydra_node(compose(["+experiment=representation_metrics", "models=null", "model=tiny_llama",
+                                      "metric.limit=4", "metric.max_length=32", "metric.views=4", "logger=none"], out))
+    metrics = run(cfg)
+    assert metrics["job"] == "representation_metrics" and metrics["n_models"] == 1
+    keys = ("diff_erank", "prompt_entropy", "dataset_entropy", "curvature", "lidar", "dime", "infonce", "infonce_mi",
+            "nuclear_norm")
+    stored = json.loads((out / "metrics.json").read_text())
+    for key in keys:
+        for layer in ("", "layer0/", "layer2/"):
+            assert isinstance(stored[f"tiny_llama/{layer}{key}"], float), (layer, key)
+    rows = read_jsonl(out / "per_layer.jsonl")
+    assert [r["layer"] for r in rows] == [0, 1, 2] and all(set(keys) <= set(r) for r in rows)
+    assert rows[-1]["lidar"] == stored["tiny_llama/lidar"]
+    for name in ("erank", "matrix_entropy", "curvature", "lidar", "dime", "infonce", "nuclear_norm"):
+        assert (out / f"{name}_layers.png").read_bytes()[:4] == b"\x89PNG", name
+
+
+@pytest.mark.parametrize("override,message", [("metric.metrics=[nosuch]", "Unknown metric"),
+                                              ("metric.alpha=0", "metric.alpha=0.0")])
+def test_cli_bad_metric_values_exit_2_before_any_model_loads(tmp_path, override, message):
+    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "fusionlab.run", "+experiment=representation_metrics", override,
+                           "model.path=/nonexistent/never/loaded", f"hydra.run.dir={tmp_path}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"fusionlab: error: " in proc.stderr and message in proc.stderr
+    assert "Loading" not in proc.stderr and not (tmp_path / "per_layer.jsonl").exists()

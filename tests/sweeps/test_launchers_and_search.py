@@ -28,17 +28,17 @@ def test_launcher_typos_fail_at_compose(compose):
         compose(["+experiment=eval_addsub", "hydra/launcher=joblib", "hydra.launcher.n_jobz=3"])
 
 
-@pytest.mark.parametrize("experiment,search,keys", [
-    ("eva_addsub", "eva_optuna", ["ensemble.topk", "ensemble.drop"]),
-    ("fusechat_pairwise", "distill_optuna", ["distill.lam", "distill.temperature"]),
+@pytest.mark.parametrize("experiment,search,keys,direction", [
+    ("eva_addsub", "eva_optuna", ["ensemble.topk", "ensemble.drop"], "maximize"),
+    ("fusechat_pairwise", "distill_optuna", ["distill.lam", "distill.temperature"], "minimize"),  # a loss
 ])
-def test_searches_sweep_keys_the_experiments_have(compose, experiment, search, keys):
+def test_searches_sweep_keys_the_experiments_have(compose, experiment, search, keys, direction):
     cfg = compose([f"+experiment={experiment}", f"+hparams_search={search}"])
     sweeper = cfg.hydra.sweeper
     assert sorted(sweeper.params) == sorted(keys)
     for key in keys:
         assert OmegaConf.select(cfg, key) is not None, key
-    assert sweeper.direction == "maximize" and sweeper.max_failure_rate == 1.0
+    assert sweeper.direction == direction and sweeper.max_failure_rate == 1.0
     assert sweeper.storage == f"sqlite:///{cfg.hydra.sweep.dir}/optuna.db"
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.objective
 

@@ -4,7 +4,7 @@ Deterministic: assistant outputs of a ShareGPT-style sample of LLaMA-Factory's a
 (Alpaca-GPT4 style,
 CC BY-NC 4.0), every 5th record whose output has 200-1200 characters, the first 40 of them.
 
-    python experiments/diff_erank/make_texts.py --src PATH/sample.jsonl [--n 40]
+    python experiments/metrics/make_texts.py --src PATH/sample.jsonl [--n 40]
 """
 from __future__ import annotations
 

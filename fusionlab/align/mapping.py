@@ -1,14 +1,15 @@
-"""Token surfaces and source→pivot vocabulary mapping (EM / MinED / MS).
+"""FuseChat / FuseLLM vocabulary mapping: each source token id -> one pivot token id (EM / MinED / MS).
 
-A token's *surface* is its bytes (as a latin-1 string, so one char = one byte): byte-level BPE
-(`Ġ`, `Ċ`) and SentencePiece (`▁`, `<0x0A>`) tokens of the same text then compare equal,
-e.g. ``Ġhello`` and ``▁hello`` are both ``" hello"``. Edit distances use surfaces with the
-leading word-start space stripped, as the reference strips its markers.
+Tokens are compared by their *surfaces* (:func:`~fusionlab.align.vocab.token_surfaces`: bytes as
+latin-1 text), so byte-level BPE and SentencePiece spellings of the same text are equal; edit
+distances use surfaces without the word-start space, as the reference strips its markers.
 
 Mapping methods (a plain registry, one function each):
 
-- ``em``: exact surface match only;
-- ``mined``: exact, else the pivot token at minimum edit distance over the whole pivot vocab;
+- ``em``: exact surface match only (:func:`~fusionlab.align.vocab.surface_index`, the exact-match
+  index EVA's seed dictionary uses too);
+- ``mined``: exact, else the pivot token at minimum edit distance over the whole pivot vocabulary
+  (:func:`~fusionlab.align.vocab.nearest_by_edit_distance`, the MinED core EVA's ``mined`` uses too);
 - ``ms`` (FuseChat default): candidates are the pivot tokens that co-aligned with the source
   token in the corpus; pick argmin editdist·(0.1 if substring else 1)·sigmoid(count).
 
@@ -19,26 +20,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 
-from fusionlab.align.vocab import token_bytes
+from fusionlab.align.vocab import nearest_by_edit_distance, strip_marker, surface_index
 from fusionlab.errors import FusionlabError
-
-
-def token_surfaces(tokenizer) -> list[str]:
-    """The surface of every id of ``tokenizer``: its bytes as a latin-1 str (one char = one byte).
-
-    The bytes come from :func:`fusionlab.align.vocab.token_bytes`, the one place that knows how
-    byte-level BPE and SentencePiece spell text; special tokens keep their literal text.
-    """
-    return [b.decode("latin-1") if b is not None else "" for b in token_bytes(tokenizer)]
-
-
-def strip_marker(surface: str) -> str:
-    """Drop the word-start space (the reference strips Ġ/▁ before comparing tokens)."""
-    return surface[1:] if surface.startswith(" ") and len(surface) > 1 else surface
 
 
 def substring_weighted_distance(a: str, b: str, substring_weight: float = 0.1) -> float:
@@ -49,41 +37,26 @@ def substring_weighted_distance(a: str, b: str, substring_weight: float = 0.1) -
     return d * substring_weight if (a in b or b in a) else float(d)
 
 
-def _exact_index(pivot_surfaces: list[str]) -> dict[str, int]:
-    index: dict[str, int] = {}
-    for i, s in enumerate(pivot_surfaces):
-        index.setdefault(s, i)  # first id wins for duplicated surfaces
-    return index
-
-
 def map_em(source_ids: Iterable[int], source_surfaces: list[str], pivot_surfaces: list[str],
            counts: dict | None = None, **_) -> dict[int, int]:
-    index = _exact_index(pivot_surfaces)
+    index = surface_index(pivot_surfaces)
     return {int(s): index[source_surfaces[s]] for s in source_ids if source_surfaces[s] in index}
 
 
 def map_mined(source_ids: Iterable[int], source_surfaces: list[str], pivot_surfaces: list[str],
               counts: dict | None = None, **_) -> dict[int, int]:
-    from rapidfuzz import process
-    from rapidfuzz.distance import Levenshtein
-
-    index = _exact_index(pivot_surfaces)
-    stripped = [strip_marker(p) for p in pivot_surfaces]
-    out = {}
-    for s in source_ids:
-        s = int(s)
-        surf = source_surfaces[s]
-        if surf in index:
-            out[s] = index[surf]
-        elif surf:
-            hit = process.extractOne(strip_marker(surf), stripped, scorer=Levenshtein.distance)
-            if hit is not None:
-                out[s] = int(hit[2])
+    source_ids = [int(s) for s in source_ids]
+    out = map_em(source_ids, source_surfaces, pivot_surfaces)
+    rest = [s for s in source_ids if s not in out and source_surfaces[s]]
+    nearest = nearest_by_edit_distance([strip_marker(source_surfaces[s]) for s in rest],
+                                       [strip_marker(p) for p in pivot_surfaces])
+    out.update(zip(rest, nearest.tolist()))
     return out
 
 
 def map_ms(source_ids: Iterable[int], source_surfaces: list[str], pivot_surfaces: list[str],
-           counts: dict | None = None, substring_weight: float = 0.1, fallback: str = "em", **_) -> dict[int, int]:
+           counts: dict | None = None, substring_weight: float = 0.1, fallback: str | None = "em",
+           **_) -> dict[int, int]:
     """FuseChat's MS mapping from sparse co-alignment ``counts[(source_id, pivot_id)] = n``."""
     by_source: dict[int, list[tuple[int, int]]] = {}
     for (s, p), n in (counts or {}).items():
@@ -109,6 +82,27 @@ def map_ms(source_ids: Iterable[int], source_surfaces: list[str], pivot_surfaces
 
 
 VOCAB_MAPPERS: dict[str, Callable[..., dict[int, int]]] = {"em": map_em, "mined": map_mined, "ms": map_ms}
+
+
+@dataclass
+class MappingConfig:
+    """FuseChat token + vocabulary alignment settings (the ``distill/mapping`` group: ms | mined | em)."""
+
+    method: str = "ms"  # a key of VOCAB_MAPPERS
+    substring_weight: float = 0.1  # edit distance × this when one token string contains the other (reference)
+    one_to_one: bool = True  # 1-1 DTW pairs also carry the source distribution (else only same-end-offset pairs)
+    min_exact_rate: float = 0.2  # a source whose tokens end where pivot tokens end less often than this is an error
+
+    def __post_init__(self) -> None:
+        if self.method not in VOCAB_MAPPERS:
+            raise FusionlabError(f"distill.mapping.method={self.method!r} is not a vocabulary mapping; use one of "
+                                 f"{sorted(VOCAB_MAPPERS)} (distill/mapping=ms|mined|em).")
+        if not self.substring_weight >= 0:
+            raise FusionlabError(f"distill.mapping.substring_weight={self.substring_weight} must be >= 0 "
+                                 "(the reference uses 0.1).")
+        if not 0.0 <= self.min_exact_rate <= 1.0:
+            raise FusionlabError(f"distill.mapping.min_exact_rate={self.min_exact_rate} must lie in [0, 1] "
+                                 "(the share of pivot tokens that end where a source token ends).")
 
 
 def build_vocab_map(method: str, source_ids: Iterable[int], source_surfaces: list[str], pivot_surfaces: list[str],

@@ -1,4 +1,4 @@
-"""Alignment of two tokenisations of the same text.
+"""Alignment of two tokenisations of the same text (FuseChat / FuseLLM distillation).
 
 Tokens whose character spans END at the same offset align exactly (they predict the same
 next character). Between two such anchors lies a short *segment* where the tokenisations

@@ -2,13 +2,13 @@
 
 reference  (waltonfuture/Diff-eRank): center, unit rows, d x d covariance, ``torch.svd`` in float32,
            entropy with ``nansum``.
-fusionlab  (``fusionlab.metrics.diff_erank.matrix_entropy``): the smaller of the N x N Gram and
+fusionlab  (``fusionlab.metrics.representation.matrix_entropy``): the smaller of the N x N Gram and
            d x d covariance, ``eigvalsh`` in float64, round-off eigenvalues clamped.
 truth      float64 singular values of the centered unit-row matrix (an independent path).
 
-    python experiments/diff_erank/bench_erank.py                      # sampled grid, CPU
-    python experiments/diff_erank/bench_erank.py --device cuda --grid full --reps 5
-    python experiments/diff_erank/bench_erank.py --sizes 2048x4096 --device cuda
+    python experiments/metrics/bench_erank.py                      # sampled grid, CPU
+    python experiments/metrics/bench_erank.py --device cuda --grid full --reps 5
+    python experiments/metrics/bench_erank.py --sizes 2048x4096 --device cuda
 
 Prints a markdown table (and writes it as JSON with --json PATH).
 """
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from fusionlab.metrics.diff_erank import matrix_entropy
+from fusionlab.metrics.representation import matrix_entropy
 
 FULL = [(n, d) for n in (128, 256, 512, 1024, 2048) for d in (576, 1024, 2048, 4096)]
 SAMPLED = [(128, 576), (512, 576), (2048, 576), (128, 2048), (512, 2048), (2048, 2048), (128, 4096), (2048, 4096)]

@@ -1,0 +1,277 @@
+"""The distillation pipeline: conversations → representations → aligned targets → fit → export, cached.
+
+One implementation for the ``distill`` job (one fit) and the ``fusechat_merge`` job (one fit per
+pairwise target). Every step that costs model time is cached on disk and keyed by what it was
+made from, so a rerun, a resumed run and the extra ranks of ddp/fsdp/deepspeed (Lightning
+re-launches the command for them; they find every cache complete and only read it) skip it:
+
+- representations of each model: ``<cache>/pivot`` and ``<cache>/source-<name>-<hash>`` (resumable shards);
+- the fused training set: ``<cache>/fused-<hash of mapping + sources + topk>.safetensors`` (+ stats).
+
+The Lightning ``Trainer`` comes from the caller (a factory: jobs build it from the config's
+trainer, callbacks and loggers); this module never reads a Hydra config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from fusionlab.distill.config import DistillConfig, PairwiseTarget
+from fusionlab.errors import FusionlabError
+from fusionlab.models import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def _plain(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_plain).encode()).hexdigest()[:12]
+
+
+@dataclass
+class FusedData:
+    """The fused training set and the pivot it was made for (loaded once, then trained)."""
+
+    records: list[dict[str, Any]]
+    pivot_model: Any
+    pivot_tokenizer: Any
+    source_names: list[str]
+    metrics: dict[str, Any]  # repr/*, align/*, time/*
+
+
+def _representations(spec: ModelSpec, texts: list[dict], out_dir: Path, dc: DistillConfig, *, add_bos: bool,
+                     fingerprint: str, model=None, tokenizer=None) -> dict[str, int]:
+    """Extraction of one model over the texts (``done.json`` marks a complete cache: the model is not even loaded)."""
+    from fusionlab.distill.representations import extract_representations
+    from fusionlab.io import write_json
+    from fusionlab.models import load_model
+
+    done = out_dir / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    if model is None:
+        model, tokenizer = load_model(spec)
+    stats = extract_representations(model, tokenizer, texts, out_dir, name=spec.name, topk=dc.topk,
+                                    shard_size=dc.shard_size, batch_size=dc.extract_batch_size, add_bos=add_bos,
+                                    max_length=4 * dc.data.max_length,  # a cap only: the text is already cut
+                                    fingerprint=fingerprint)
+    if stats["kept"] == 0:
+        raise FusionlabError(f"Model {spec.name!r} produced no usable representations: all "
+                             f"{stats['dropped_nan']} NaN and {stats['dropped_no_assistant']} without assistant "
+                             "tokens; check the data and model dtype.")
+    write_json(done, stats)
+    return stats
+
+
+def _repr_metrics(name: str, stats: dict[str, int]) -> dict[str, int]:
+    return {f"repr/{name}_kept": stats["kept"], f"repr/{name}_dropped_nan": stats["dropped_nan"],
+            f"repr/{name}_dropped_no_assistant": stats["dropped_no_assistant"]}
+
+
+def prepare(dc: DistillConfig) -> FusedData:
+    """Conversations in the pivot's template → representations of every model → targets aligned to the pivot."""
+    from fusionlab.align import token_surfaces
+    from fusionlab.distill.conversations import dataset_fingerprint, load_conversations
+    from fusionlab.distill.dist_align import build_fused_dataset, load_fused, save_fused
+    from fusionlab.distill.representations import load_representations, prepare_texts
+    from fusionlab.io import write_json
+    from fusionlab.models import cache_dir, load_model, load_tokenizer
+
+    metrics: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    convs = load_conversations(dc.data.path, dc.data.limit)
+    pivot_model, pivot_tok = load_model(dc.pivot)
+    texts = prepare_texts(pivot_tok, convs, dc.data.max_length)
+    data_fp = dataset_fingerprint(texts)
+    key = _hash({"pivot": dc.pivot, "data": data_fp, "topk": dc.topk, "max_length": dc.data.max_length,
+                 "bos": dc.source_add_bos})
+    root = Path(dc.cache_dir).expanduser() if dc.cache_dir else cache_dir() / "distill" / key
+    root.mkdir(parents=True, exist_ok=True)
+    stats = _representations(dc.pivot, texts, root / "pivot", dc, add_bos=False, fingerprint=data_fp,
+                             model=pivot_model, tokenizer=pivot_tok)
+    metrics.update(_repr_metrics("pivot", stats))
+    names = list(dc.sources)
+    src_dirs = [root / f"source-{name}-{_hash(dc.sources[name])}" for name in names]
+    for name, d in zip(names, src_dirs):
+        stats = _representations(dc.sources[name], texts, d, dc, add_bos=dc.source_add_bos, fingerprint=data_fp)
+        metrics.update(_repr_metrics(name, stats))
+        gc.collect()  # one source model in memory at a time
+    metrics["time/representations_s"] = round(time.perf_counter() - t0, 2)
+
+    t0 = time.perf_counter()
+    m = dc.mapping
+    fused_path = root / f"fused-{_hash([m, [(n, _hash(dc.sources[n])) for n in names], dc.topk])}.safetensors"
+    stats_path = Path(str(fused_path) + ".stats.json")
+    if fused_path.is_file() and stats_path.is_file():
+        records, astats = load_fused(fused_path), json.loads(stats_path.read_text())
+    else:
+        sources = [load_representations(d) for d in src_dirs]
+        src_surfaces = [token_surfaces(load_tokenizer(dc.sources[n])) for n in names]
+        records, astats = build_fused_dataset(load_representations(root / "pivot"), sources, token_surfaces(pivot_tok),
+                                              src_surfaces, method=m.method, k=dc.topk,
+                                              substring_weight=m.substring_weight, one_to_one=m.one_to_one,
+                                              min_exact_rate=m.min_exact_rate, names=names)
+        save_fused(records, fused_path)
+        write_json(stats_path, astats)
+    metrics.update({f"align/{k}": v for k, v in astats.items()})
+    metrics["time/alignment_s"] = round(time.perf_counter() - t0, 2)
+    return FusedData(records, pivot_model, pivot_tok, names, metrics)
+
+
+def fit(dc: DistillConfig, data: FusedData, trainer, output_dir: Path, *, optimizer: Callable | None = None,
+        scheduler: Callable | None = None, seed: int = 0) -> dict[str, Any]:
+    """Train the pivot on the fused data with ``trainer`` (resuming per ``dc.resume``), then export it.
+
+    Returns ``final/*`` (the trainer's last logged values and those of checkpoint-time evaluation
+    callbacks, i.e. callbacks with a ``last_metrics`` dict), ``fit/*`` and the output paths.
+    """
+    import torch
+
+    from fusionlab.distill.data import FuseDataModule
+    from fusionlab.distill.module import FuseLightningModule
+    from fusionlab.io import atomic_dir
+
+    candidates = None if dc.pairwise_source is None else [0, 1 + data.source_names.index(dc.pairwise_source)]
+    tok = data.pivot_tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    datamodule = FuseDataModule(data.records, batch_size=dc.batch_size, val_size=dc.data.val_size, seed=seed,
+                                num_workers=dc.num_workers, pad_id=pad, candidates=candidates)
+    module = FuseLightningModule(data.pivot_model.train(), optimizer=optimizer, scheduler=scheduler, lam=dc.lam,
+                                 temperature=dc.temperature, loss_type=dc.loss_type, fusion_mode=dc.fusion_mode,
+                                 lora=dc.lora, gradient_checkpointing=dc.gradient_checkpointing)
+    module.tokenizer = tok  # for callbacks (EVA eval, merge, Diff-eRank) that need to decode
+    module.pivot_spec = dc.pivot
+    ckpt = dc.resume_checkpoint(output_dir)
+    if ckpt:
+        log.info("Resuming from %s", ckpt)
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    finally:
+        if trainer.is_global_zero and any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
+            import wandb
+
+            wandb.finish()
+    fit_s = time.perf_counter() - t0
+    world = trainer.world_size
+    final = {k: float(v) for k, v in trainer.callback_metrics.items() if hasattr(v, "item") and v.numel() == 1}
+    for cb in trainer.callbacks:  # checkpoint-time evaluations (EVA eval, Diff-eRank, merge): their latest values
+        final.update({k: float(v) for k, v in (getattr(cb, "last_metrics", None) or {}).items()
+                      if isinstance(v, (int, float))})
+    metrics: dict[str, Any] = {f"final/{k.replace('/', '_')}": round(v, 6) for k, v in final.items()}
+    metrics.update({"fit/steps": int(trainer.global_step), "fit/seconds": round(fit_s, 2),
+                    "fit/tokens": int(module.tokens_seen) * world,
+                    "fit/tokens_per_s": round(module.tokens_seen * world / max(module.step_seconds, 1e-9), 2),
+                    "fit/world_size": world, "fit/resumed": bool(ckpt)})
+    last = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if last.exists():
+        metrics["checkpoint"] = str(last)
+
+    sharded = type(trainer.strategy).__name__ in ("FSDPStrategy", "DeepSpeedStrategy")
+    if dc.export_model and trainer.is_global_zero and not sharded:  # the trained pivot as a plain HF directory
+        model = module.model.merge_and_unload() if dc.lora else module.model
+        with atomic_dir(Path(output_dir) / "model", overwrite=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+        metrics["model_dir"] = str(Path(output_dir) / "model")
+    elif sharded:
+        log.info("Sharded strategy: the model is in the Lightning checkpoint; convert it with the strategy's tools.")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return metrics
+
+
+def distill(dc: DistillConfig, make_trainer: Callable[[], Any], output_dir: Path, **fit_kwargs: Any) -> dict[str, Any]:
+    """The whole pipeline into ``output_dir``; the trainer is made only once the fused data is ready."""
+    data = prepare(dc)
+    return {**data.metrics, **fit(dc, data, make_trainer(), output_dir, **fit_kwargs)}
+
+
+# ------------------------------------------------------------------------------------- FuseChat targets
+def with_settings(config: Any, settings: dict[str, Any], where: str) -> Any:
+    """``config`` (a dataclass) with ``settings`` applied, nested dicts into nested dataclasses; checked again."""
+    names = {f.name for f in dataclasses.fields(config)}
+    changes = {}
+    for key, value in settings.items():
+        if key not in names:
+            raise FusionlabError(f"Unknown option {where}.{key}; valid options are {sorted(names)}.")
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = with_settings(current, value, f"{where}.{key}")
+        changes[key] = value
+    return dataclasses.replace(config, **changes)
+
+
+def target_config(dc: DistillConfig, name: str, target: PairwiseTarget, out: Path) -> DistillConfig:
+    """The distill settings of pairwise target ``name``: ``target.distill`` applied, its rows of the data
+    written to ``<out>/conversations.jsonl``, a cache sub dir when ``cache_dir`` is explicit (one data set
+    per cache dir), and the model always exported (it is what gets merged)."""
+    from fusionlab.distill.conversations import find_conversations
+    from fusionlab.io import read_jsonl, write_jsonl
+
+    where = f"fusechat_merge.pairwise.{name}.distill"
+    tc = with_settings(dc, {**target.distill, "export_model": True}, where)
+    changes: dict[str, Any] = {}
+    if tc.cache_dir:
+        changes["cache_dir"] = str(Path(tc.cache_dir) / name)
+    if target.rows is not None:
+        start, stop = (list(target.rows) + [None])[:2]
+        rows = read_jsonl(find_conversations(tc.data.path))[start:stop]
+        if not rows:
+            raise FusionlabError(f"fusechat_merge.pairwise.{name}.rows={list(target.rows)} selects no conversation "
+                                 f"of {tc.data.path}.")
+        write_jsonl(out / "conversations.jsonl", rows)
+        changes["data"] = dataclasses.replace(tc.data, path=str(out / "conversations.jsonl"), limit=None)
+    return dataclasses.replace(tc, **changes)
+
+
+
+def pairwise_targets(dc: DistillConfig, pairwise: dict[str, PairwiseTarget], out_root: Path,
+                     make_trainer: Callable[[Path], Any], **fit_kwargs: Any) -> tuple[dict[str, str], dict[str, Any]]:
+    """FuseChat's pairwise fusion targets: one distillation per entry, in ``<out_root>/<name>``.
+
+    Every target's settings are checked before the first fit; a finished target (its ``model/``
+    exists) is reused. Returns (name → model dir, ``pairwise/<name>/<metric>`` of the fits run now).
+    """
+    configs = {name: target_config(dc, name, t, out_root / name) for name, t in pairwise.items()}
+    targets: dict[str, str] = {}
+    metrics: dict[str, Any] = {}
+    for name, tc in configs.items():
+        out = out_root / name
+        model_dir = out / "model"
+        if (model_dir / "config.json").exists():
+            log.info("Pairwise target %s exists (%s): reused", name, model_dir)
+        else:
+            m = distill(tc, lambda: make_trainer(out), out, **fit_kwargs)
+            metrics.update({f"pairwise/{name}/{k}": v for k, v in m.items() if isinstance(v, (int, float, bool))})
+            if not (model_dir / "config.json").exists():
+                raise FusionlabError(f"The distillation of pairwise target {name!r} wrote no model at {model_dir} "
+                                     "(a sharded strategy keeps it in the Lightning checkpoint); give "
+                                     "fusechat_merge.targets instead.")
+        targets[name] = str(model_dir)
+    return targets, metrics
+
+def pivot_checkpoint(spec: ModelSpec, out: Path) -> Path:
+    """The pivot as a safetensors dir: the embedded/HF checkpoint itself, else (random, gguf) saved once to ``out``."""
+    from fusionlab.io import atomic_dir
+    from fusionlab.models import load_model
+    from fusionlab.models.resolve import resolve_checkpoint
+
+    if spec.source == "embedded" or (spec.source == "hf" and spec.path and Path(spec.path).expanduser().is_dir()):
+        return Path(resolve_checkpoint(spec.path))
+    if not (out / "config.json").exists():
+        model, tok = load_model(spec)
+        with atomic_dir(out, overwrite=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+    return out
