@@ -16,6 +16,11 @@ from fusionlab.errors import FusionlabError
 log = logging.getLogger(__name__)
 
 
+def is_multirun(hydra: Any) -> bool:
+    """Whether a Hydra node — the live ``HydraConfig`` or a run's saved ``.hydra/hydra.yaml`` — is a multirun job's."""
+    return bool(hydra) and str(hydra.get("mode")) in ("MULTIRUN", "RunMode.MULTIRUN")
+
+
 def sweep_group_name(job: str, sweep_dir: str | os.PathLike) -> str:
     """The W&B group of one job's sweep; jobs and ``fusionlab.report`` must agree on it."""
     return f"{job}-{Path(sweep_dir).name}"

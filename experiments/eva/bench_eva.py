@@ -86,15 +86,18 @@ def main():
            "align_cache_hit": al.stats.get("cache_hit"), "p_at_1": al.stats.get("p_at_1")})
     prompts = [PROMPT] * args.batch
     n = args.new_tokens
+    # members in turn with --threads each (this benchmark's reference point is 1/Σ member step times;
+    # bench_parallel.py measures members in parallel)
+    opts = {"topk": 320, "threads": args.threads or None, "parallel": False}
     for mem in members:  # warm-up: one-time kernel/allocator set-up must not be charged to the first run
-        d = EvaDecoder(mem, [], [], topk=320)
+        d = EvaDecoder(mem, **opts)
         d.generate(prompts, max_new_tokens=2)
     # Members alone and the ensemble, interleaved `--repeats` times (A, B, ensemble, A, B, ...):
     # on a shared machine the load drifts within minutes, so one run of each is not comparable.
     # Per configuration the median of the repeats is reported.
     runs = {"smollm2_135m": [], "gemma3_270m": [], "ensemble": []}
-    solo = [EvaDecoder(mem, [], [], topk=320) for mem in members]
-    ens = EvaDecoder(members[0], [members[1]], [al], topk=320, drop=5)
+    solo = [EvaDecoder(mem, **opts) for mem in members]
+    ens = EvaDecoder(members[0], [members[1]], [al], drop=5, **opts)
     for d in (*solo, ens):
         d.eos = set()
     for rep in range(args.repeats):

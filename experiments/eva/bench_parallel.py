@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per member")
-    ap.add_argument("--gate-threshold", type=float, default=0.5)
+    ap.add_argument("--gate-threshold", type=float, nargs="+", default=[0.5], help="one gate run per threshold")
     ap.add_argument("--aux-vocab-cutoff", type=int, default=16384, help="0: the full aux vocabulary")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
@@ -56,8 +56,8 @@ def main() -> None:
         "eva_in_turn": lambda: EvaDecoder(members[0], [members[1]], [alignment], parallel=False, **opts),
         "eva_parallel": lambda: EvaDecoder(members[0], [members[1]], [alignment], **opts),
         "union_parallel": lambda: EvaDecoder(members[0], [members[1]], [alignment], candidates="union", **opts),
-        "gate": lambda: EvaDecoder(members[0], [members[1]], [alignment], gate="confidence",
-                                   gate_threshold=args.gate_threshold, **opts),
+        **{f"gate_{t}": (lambda t=t: EvaDecoder(members[0], [members[1]], [alignment], gate="confidence",
+                                                gate_threshold=t, **opts)) for t in args.gate_threshold},
     }
     def prompts_for(name: str):
         return prompts[names.index(name)] if name in names else prompts
@@ -70,9 +70,9 @@ def main() -> None:
         for name, make in configs.items():
             ms, stats = step_ms(make(), prompts_for(name), args.new_tokens)
             times[name].append(ms)
-            if name == "gate":
-                gate_stats = {"gate_fired_frac": stats["ensembled_row_steps"] / stats["row_steps"],
-                              "aux_forward_frac": stats["aux_forward_steps"] / stats["steps"]}
+            if name.startswith("gate"):
+                gate_stats.update({f"{name}_fired_frac": stats["ensembled_row_steps"] / stats["row_steps"],
+                                   f"{name}_aux_forward_frac": stats["aux_forward_steps"] / stats["steps"]})
             print(f"repeat {rep} {name}: {ms:.1f} ms/step (load {os.getloadavg()[0]:.2f})", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     a, b = med[names[0]], med[names[1]]
@@ -81,7 +81,8 @@ def main() -> None:
               "sum_of_members_ms": round(a + b, 1), "max_of_members_ms": round(max(a, b), 1),
               **{f"{k}_vs_sum": round(med[k] / (a + b), 3) for k in configs if k not in names},
               **{f"{k}_vs_slowest": round(med[k] / max(a, b), 3) for k in configs if k not in names},
-              "gate_vs_main_alone": round(med["gate"] / a, 3), **{k: round(v, 4) for k, v in gate_stats.items()},
+              **{f"{k}_vs_main_alone": round(med[k] / a, 3) for k in configs if k.startswith("gate")},
+              **{k: round(v, 4) for k, v in gate_stats.items()},
               "load_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(result, indent=1))
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from fusionlab.metrics.diff_erank import load_texts
+from fusionlab.tasks.texts import load_text_set
 from fusionlab.metrics.suite import (Measurements, MetricConfig, evaluate_model, measure, measure_twin, summarize,
                                      tokenize)
 from fusionlab.models import ModelSpec, load_model
@@ -72,7 +72,7 @@ def half_sample_sign(fn, n: int, reps: int, seed: int) -> float:
 
 
 def part_a(args, cfg) -> dict:
-    texts = load_texts(limit=args.size_texts)
+    texts = load_text_set(stop=args.size_texts)
     out = {}
     for name in ("smollm2_135m", "gemma3_270m"):
         t = time.perf_counter()

@@ -1,7 +1,7 @@
 """The one place that decides when an evaluation callback runs and where its numbers go."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import lightning
 import torch
@@ -9,18 +9,6 @@ import torch
 from fusionlab.errors import FusionlabError
 
 TRIGGERS = ("checkpoint", "validation")
-
-
-def callback_texts(texts: str | Sequence[str] | None, text_field: str, limit: int | None, owner: str) -> list[str]:
-    """A callback's fixed text set: a JSONL path, a list of strings, or None for the shipped texts."""
-    from fusionlab.metrics.diff_erank import load_texts
-
-    if texts is None or isinstance(texts, str):
-        return load_texts(texts, text_field, limit)
-    out = list(texts)[:limit] if limit else list(texts)
-    if not out:
-        raise FusionlabError(f"{owner} got an empty list of texts; give it at least one text.")
-    return out
 
 
 class EvalCallback(lightning.Callback):

@@ -28,9 +28,10 @@ from typing import Any, Sequence
 
 import lightning
 
-from fusionlab.callbacks.base import EvalCallback, callback_texts
+from fusionlab.callbacks.base import EvalCallback
 
 from fusionlab.errors import FusionlabError
+from fusionlab.tasks.texts import load_text_set
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class MergeCallback(EvalCallback):
         self.ratio, self.skip_embed = float(ratio), bool(skip_embed)
         self.special_tokens_map = {int(k): int(v) for k, v in (special_tokens_map or {}).items()} or None
         self.dtype, self.dirpath, self.keep_last = dtype, dirpath, keep_last
-        self.texts = callback_texts(texts, text_field, limit, "MergeCallback")
+        self.texts = load_text_set(texts, field=text_field, stop=limit)
         self.max_length, self.batch_size = int(max_length), int(batch_size)
         self.model_attr, self.prefix = model_attr, prefix
         self._base_dir: Path | None = None

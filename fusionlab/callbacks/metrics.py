@@ -12,10 +12,11 @@ from typing import Any, Sequence
 
 import lightning
 
-from fusionlab.callbacks.base import EvalCallback, callback_texts
+from fusionlab.callbacks.base import EvalCallback
 from fusionlab.errors import FusionlabError
 from fusionlab.metrics.suite import Measurements, MetricConfig, MetricsResult, measure, measure_twin, summarize, \
     tokenize
+from fusionlab.tasks.texts import load_text_set
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class RepresentationMetricsCallback(EvalCallback):
         except TypeError as e:
             raise FusionlabError(f"{type(self).__name__}: {e}; valid options are "
                                  f"{sorted(MetricConfig.__dataclass_fields__)}.") from None
-        self.texts = callback_texts(texts, self.settings.text_field, self.settings.limit, type(self).__name__)
+        self.texts = load_text_set(texts, field=self.settings.text_field, stop=self.settings.limit)
         self.tokenizer = tokenizer
         self.model_attr = model_attr
         self.prefix = prefix

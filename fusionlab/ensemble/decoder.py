@@ -301,15 +301,20 @@ class EvaDecoder:
         stop_tail = max((len(s) for s in stop), default=0) * 4 + 64  # bytes of text that can hold a stop string
         for _ in tqdm(range(max_new_tokens), desc="eva", disable=not progress, leave=False):
             aux_logits, fire = None, None
+            # a gate that reads only the main model decides before the aux models run, except at the first step
+            # of parallel members: the aux prompts' prefill then overlaps the main model's instead of waiting
+            main_first = self.gate_mode == "main" and not (pool is not None and counts["steps"] == 0)
             if n_models == 1:
                 main_logits = streams[0].logits()
-            elif self.gate_mode == "main":  # decide from the main model alone; skip the aux forwards if no row fires
+            elif main_first:  # skip the aux forwards if no row fires (they catch up when next needed)
                 main_logits = streams[0].logits()
                 fire = self.gate(main_probs=topk_probs(main_logits, opts.topk)[0], **self.gate_kwargs)
                 if bool(fire.any()):
                     aux_logits = self._forward(streams[1:], pool)
             else:
                 main_logits, *aux_logits = self._forward(streams, pool)
+                if self.gate_mode == "main":
+                    fire = self.gate(main_probs=topk_probs(main_logits, opts.topk)[0], **self.gate_kwargs)
             p, ids = topk_probs(main_logits, opts.topk)
             combined = dense(p, ids, self.main_vocab)  # the main model alone
             counts["steps"] += 1

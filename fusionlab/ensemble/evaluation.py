@@ -11,6 +11,7 @@ max of its members).
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -21,6 +22,9 @@ from fusionlab.metrics.stats import paired_bootstrap, wilson_interval
 from fusionlab.tasks import extract_answer, get_task, score, task_prompts, task_stops
 
 ALIGN_STATS = ("p_at_1", "seed_pairs", "rows_mapped", "nnz", "build_s", "cache_hit")
+UNMAPPED_WARNING = 0.1  # aux top-k mass that projects nowhere, above which a run warns
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -100,7 +104,11 @@ def evaluate_ensemble(members: Sequence[Member], alignments: Sequence[Alignment]
         if tag == "ensemble":
             summary = summarize(stats)
             for i, name in enumerate(names[1:]):  # aux mass that projected nowhere, by aux name
-                summary[f"{name}_unmapped_mass"] = summary.pop(f"aux_unmapped_{i}_mass")
+                summary[f"{name}_unmapped_mass"] = lost = summary.pop(f"aux_unmapped_{i}_mass")
+                if lost > UNMAPPED_WARNING:
+                    log.warning("%.0f%% of aux model %r's top-k probability mass projected nowhere in the main "
+                                "vocabulary (tokens without an alignment row): its votes are partly lost. Align "
+                                "its whole vocabulary (align_method.aux_vocab_cutoff=null).", 100 * lost, name)
             metrics.update({f"ensemble_{k}": v for k, v in summary.items() if k not in ("steps",)})
             metrics["ensemble_generate_s"] = round(seconds, 3)
         return step_s

@@ -1,4 +1,4 @@
-"""Config → plain-object helpers shared by the jobs."""
+"""What every job shares: typed config nodes, its tracker and loggers, its trainer, its task inputs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,7 +7,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fusionlab.models import ModelSpec
-from fusionlab.tracking import Tracker, sweep_group_name, wandb_mode
+from fusionlab.tracking import Tracker, is_multirun, sweep_group_name, wandb_mode
 
 
 def to_dict(node: Any) -> Any:
@@ -18,36 +18,39 @@ def to_dict(node: Any) -> Any:
 
 
 def model_spec(node: Any) -> ModelSpec:
-    return ModelSpec.from_dict(to_dict(node))
+    """The typed spec of a ``model``-like node (a ModelSpec or a plain mapping pass through)."""
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_object(node)
+    return node if isinstance(node, ModelSpec) else ModelSpec.from_dict(node)
 
 
-def sweep_group(cfg: DictConfig) -> str | None:
-    """The W&B group of a multirun: the sweep dir's name, so a sweep's jobs sit together."""
+def multirun_sweep_dir() -> Path | None:
+    """The sweep dir when this process runs one job of a Hydra multirun; None for a single run or outside Hydra."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
-    try:
-        hc = HydraConfig.get()
-    except ValueError:
+    if not HydraConfig.initialized():
         return None
-    if hc.mode == RunMode.MULTIRUN:
-        return sweep_group_name(cfg.get("job"), hc.sweep.dir)
-    return None
+    hydra = HydraConfig.get()
+    return Path(str(hydra.sweep.dir)) if is_multirun(hydra) else None
 
+
+def _wandb_run(cfg: DictConfig, output_dir: Path, wandb: Any) -> dict[str, Any]:
+    """The W&B run options of a job: mode resolved, a sweep's jobs grouped together, a readable name."""
+    sweep = multirun_sweep_dir()
+    return {"mode": wandb_mode(wandb.get("mode")),
+            "group": wandb.get("group") or (sweep_group_name(cfg.job, sweep) if sweep else None),
+            "name": wandb.get("name") or f"{cfg.job}-{output_dir.name}"}
 
 
 def make_tracker(cfg: DictConfig, output_dir: Path) -> Tracker:
     """One Tracker (W&B run + CSV) for a job, configured by ``cfg.logger``."""
-    logger = cfg.get("logger") or {}
-    wb = logger.get("wandb")
+    wb = (cfg.get("logger") or {}).get("wandb")
     resolved = {k: to_dict(v) for k, v in cfg.items() if k != "hydra"}  # hydra's own node is not ours to log
     if wb is None:
         return Tracker(output_dir, resolved, use_wandb=False)
-    name = wb.get("name") or f"{cfg.get('job')}-{output_dir.name}"
-    tags = list(wb.get("tags") or []) + [str(cfg.get("job"))]
     return Tracker(output_dir, resolved, use_wandb=True, project=wb.get("project", "fusionlab"),
-                   mode=wandb_mode(wb.get("mode")), group=wb.get("group") or sweep_group(cfg), name=name,
-                   tags=tags, job_type=str(cfg.get("job")))
+                   tags=[*(wb.get("tags") or []), str(cfg.job)], job_type=str(cfg.job),
+                   **_wandb_run(cfg, output_dir, wb))
 
 
 def lightning_loggers(cfg: DictConfig, output_dir: Path) -> list:
@@ -58,9 +61,7 @@ def lightning_loggers(cfg: DictConfig, output_dir: Path) -> list:
     for key, node in (cfg.get("logger") or {}).items():
         node = to_dict(node)
         if key == "wandb":
-            node["mode"] = wandb_mode(node.get("mode"))
-            node["group"] = node.get("group") or sweep_group(cfg)
-            node.setdefault("name", f"{cfg.get('job')}-{output_dir.name}")
+            node.update(_wandb_run(cfg, output_dir, node))
         loggers.append(instantiate(node))
     return loggers
 
@@ -85,14 +86,15 @@ def lightning_trainer(cfg: DictConfig, output_dir: Path):
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=lightning_loggers(cfg, output_dir) or False)
 
-def task_inputs(cfg: DictConfig):
-    """(task definition, evaluated examples, few-shot demonstrations) from ``cfg.task``."""
-    from fusionlab.tasks import few_shot_examples, get_task, load_examples, select_examples
 
-    t = cfg.task
+def task_inputs(cfg: DictConfig):
+    """(task definition, evaluated examples, few-shot demonstrations) from ``cfg.task``; the task's data is
+    read once for both, and a demonstration is never an evaluated example."""
+    from fusionlab.tasks import TaskConfig, few_shot_examples, get_task, load_examples, select_examples
+
+    t: TaskConfig = OmegaConf.to_object(cfg.task)
     task = get_task(t.name)
-    everything = load_examples(task.name, path=t.get("path"))  # read once: evaluated examples and demos
-    examples = select_examples(everything, t.get("limit"), t.get("seed", 0), t.get("shuffle", False))
-    shots = few_shot_examples(task.name, t.get("n_shot", 0), seed=t.get("seed", 0), exclude={ex["id"] for ex in examples},
-                              pool=everything)
+    everything = load_examples(task, path=t.path)
+    examples = select_examples(everything, t.limit, t.seed, t.shuffle)
+    shots = few_shot_examples(task, t.n_shot, seed=t.seed, exclude={ex["id"] for ex in examples}, pool=everything)
     return task, examples, shots

@@ -21,15 +21,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from fusionlab.io import write_jsonl
 from fusionlab.jobs._common import make_tracker
-from fusionlab.metrics.diff_erank import load_texts
 from fusionlab.metrics.suite import MetricConfig, evaluate_model, plot_metrics
+from fusionlab.tasks.texts import load_text_set
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     settings = OmegaConf.to_object(cfg.metric) if cfg.get("metric") is not None else MetricConfig()
-    texts = load_texts(settings.texts, settings.text_field, settings.limit)
+    texts = load_text_set(settings.texts, field=settings.text_field, stop=settings.limit)
     specs = OmegaConf.to_object(cfg.models) if cfg.get("models") else {cfg.model.name: OmegaConf.to_object(cfg.model)}
     metrics: dict[str, Any] = {"n_models": len(specs)}
     rows: list[dict[str, Any]] = []

@@ -24,45 +24,14 @@ from typing import Any, Mapping
 import torch
 
 from fusionlab.errors import FusionlabError
-from fusionlab.io import atomic_dir, read_jsonl
+from fusionlab.io import atomic_dir
 from fusionlab.models.resolve import DERIVED_PREFIX, resolve_checkpoint
+from fusionlab.tasks.texts import TEXT_SETS, load_text_set
 
 log = logging.getLogger(__name__)
 
 FIXTURE_VERSION = "2"  # 2: texts from the data shipped inside the package
-CHAT_DATA = Path(__file__).resolve().parent.parent / "data" / "chat" / "fusechat_mini.jsonl"  # 64 conversations
-KINDS = ("chat", "addsub", "e2e", "gsm8k")
-
-
-def load_texts(kind: str, start: int = 0, stop: int | None = None, path: str | Path | None = None) -> list[str]:
-    """Plain training/eval texts, rows ``[start, stop)``: ``chat`` (question + answer of the shipped
-    conversations, ``fusionlab/data/chat/fusechat_mini.jsonl``), or a shipped task (``addsub``, ``e2e``,
-    ``gsm8k``; :func:`fusionlab.tasks.load_examples`). ``path``: a user JSONL of the same format instead."""
-    from fusionlab.tasks import load_examples
-
-    if kind not in KINDS:
-        raise FusionlabError(f"Unknown text kind {kind!r}; use one of {list(KINDS)}.")
-    if path is not None and not Path(path).expanduser().is_file():
-        raise FusionlabError(f"Text file {str(path)!r} (kind {kind!r}) does not exist; drop `data` to use the shipped set.")
-    if kind == "chat":
-        rows = read_jsonl(Path(path).expanduser() if path else CHAT_DATA)
-        texts = []
-        for r in rows:
-            turns = r.get("conversations") or [{"value": m["content"]} for m in r.get("messages", [])]
-            texts.append(f"Question: {turns[0]['value']}\nAnswer: {turns[1]['value']}")
-    else:
-        rows = load_examples(kind, path=str(path) if path else None)
-        if kind == "addsub":
-            texts = [f"Question: {r['question']}\nAnswer: {r['equation']} so the answer is {r['answer']}." for r in rows]
-        elif kind == "e2e":
-            texts = [f"Data: {r['question']}\nText: {r['answer'][0]}" for r in rows]
-        else:  # gsm8k: the worked solution
-            texts = [f"Question: {r['question']}\nAnswer: {r['solution']}" for r in rows]
-    out = texts[start:stop]
-    if not out:
-        raise FusionlabError(f"Rows [{start}, {stop}) of the {kind!r} texts are empty ({len(texts)} rows); "
-                             "pick start/stop inside the set.")
-    return out
+KINDS = tuple(TEXT_SETS)  # the named text sets of fusionlab.tasks.texts
 
 
 @dataclass
@@ -85,7 +54,7 @@ class TextSet:
                                  "use the shipped set.")
 
     def load(self) -> list[str]:
-        return load_texts(self.kind, self.start, self.stop, self.data)
+        return load_text_set(self.kind, path=self.data, start=self.start, stop=self.stop)
 
 
 @dataclass

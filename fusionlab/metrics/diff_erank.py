@@ -18,39 +18,12 @@ and ``arithmetic`` = mean of the per-text eRanks.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from fusionlab.errors import FusionlabError
 from fusionlab.metrics.representation import dataset_eranks, erank, matrix_entropy, prompt_entropy
 from fusionlab.metrics.suite import MetricConfig, MetricsResult, evaluate_model, measure
-
-DEFAULT_TEXTS = Path(__file__).resolve().parent.parent / "data" / "erank_texts.jsonl"
-
-
-def load_texts(path: str | Path | None = None, field: str = "text", limit: int | None = None) -> list[str]:
-    """Texts of a JSONL file (one object per line, text under ``field``); None = the shipped set."""
-    path = Path(path).expanduser() if path else DEFAULT_TEXTS
-    if not path.is_file():
-        raise FusionlabError(f"Diff-eRank text file {str(path)!r} does not exist; set metric.texts to a JSONL file.")
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if field not in row:
-                raise FusionlabError(f"Line {lineno} of {str(path)!r} has no field {field!r} (it has {sorted(row)}); "
-                                     "set metric.text_field.")
-            texts.append(str(row[field]))
-    if limit is not None:
-        texts = texts[: int(limit)]
-    if not texts:
-        raise FusionlabError(f"The Diff-eRank text set {str(path)!r} is empty; give it at least one text of 2+ tokens.")
-    return texts
 
 
 def model_entropies(model, token_ids: Sequence[Sequence[int]], layers: Any = "last", batch_size: int = 8,
@@ -69,5 +42,5 @@ def evaluate_diff_erank(spec, texts: Sequence[str], cfg: MetricConfig | None = N
     return evaluate_model(spec, texts, cfg)
 
 
-__all__ = ["DEFAULT_TEXTS", "dataset_eranks", "erank", "evaluate_diff_erank", "load_texts", "matrix_entropy",
+__all__ = ["dataset_eranks", "erank", "evaluate_diff_erank", "matrix_entropy",
            "model_entropies", "prompt_entropy"]

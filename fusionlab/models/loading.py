@@ -11,85 +11,77 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
 from fusionlab.errors import FusionlabError
-from fusionlab.models.embedded import EMBEDDED_MODELS, embedded_checkpoint
+from fusionlab.models.embedded import EMBEDDED_MODELS
+from fusionlab.models.resolve import DTYPES, check_device, resolve_checkpoint, resolve_device, torch_dtype
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("hf", "gguf", "embedded", "random")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
 class ModelSpec:
-    """Where a model comes from and how to run it (a plain mirror of ``conf/model/*.yaml``)."""
+    """Where a model comes from and how to run it (the ``model:`` node; ``conf/model/*.yaml`` state what differs)."""
 
     name: str = "model"
-    source: str = "hf"
-    path: str | None = None
+    source: str = "hf"  # one of SOURCES
+    path: str | None = None  # hub id / HF dir (hf), .gguf file (gguf), embedded name (embedded)
     tokenizer: str | None = None  # tokenizer location when it differs from `path` (random models)
     config: dict[str, Any] = field(default_factory=dict)  # transformers config kwargs (random models)
     chat_template: str | None = None  # Jinja override of the tokenizer's chat template
     use_chat_template: bool = True  # False for base models: prompts are plain text
-    dtype: str = "float32"
-    device: str = "cpu"
-    seed: int = 0
+    dtype: str = "float32"  # a key of fusionlab.models.resolve.DTYPES
+    device: str = "cpu"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # initialisation seed of random models
     trust_remote_code: bool = False
 
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise FusionlabError(f"Unknown model.source {self.source!r} for model {self.name!r}; use one of {SOURCES}.")
+        if self.dtype not in DTYPES:
+            raise FusionlabError(f"Unknown model.dtype {self.dtype!r} for model {self.name!r}; use one of "
+                                 f"{sorted(DTYPES)}.")
+        check_device(self.device, "model.device")
+        if self.source == "embedded" and self.path is not None and self.path not in EMBEDDED_MODELS:
+            raise FusionlabError(f"Unknown embedded model {self.path!r} (model {self.name!r}); embedded models are "
+                                 f"{sorted(EMBEDDED_MODELS)}. For any other model use model.source=hf with "
+                                 "model.path=<hub id or local dir>.")
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise FusionlabError(
-                f"Unknown model option(s) {sorted(unknown)} in model {d.get('name', '?')!r}; "
-                f"valid options are {sorted(known)}."
-            )
-        return cls(**{k: v for k, v in d.items()})
+    def from_dict(cls, d: Mapping[str, Any]) -> "ModelSpec":
+        """A spec from a plain mapping (the Python API, untyped callback arguments); the dataclass's own
+        fields decide which keys exist."""
+        try:
+            return cls(**d)
+        except TypeError as err:  # an unexpected keyword argument
+            raise FusionlabError(f"Bad option in model {d.get('name', '?')!r} ({err}); valid options are "
+                                 f"{sorted(f.name for f in fields(cls))}.") from None
 
     def torch_dtype(self) -> torch.dtype:
-        if self.dtype not in DTYPES:
-            raise FusionlabError(f"Unknown model.dtype {self.dtype!r}; use one of {sorted(DTYPES)}.")
-        return DTYPES[self.dtype]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FusionlabError(f"model.device={device!r} but no CUDA GPU is visible; use model.device=cpu.")
-    return torch.device(device)
+        return torch_dtype(self.dtype, "model.dtype")
 
 
 def checkpoint_location(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
     """Return (`from_pretrained` location, extra kwargs) for a non-random spec."""
-    if spec.source not in SOURCES:
-        raise FusionlabError(f"Unknown model.source {spec.source!r} for model {spec.name!r}; use one of {SOURCES}.")
     if not spec.path:
         raise FusionlabError(f"Model {spec.name!r} (source={spec.source}) needs model.path to be set.")
-    if spec.source == "embedded":
-        return str(embedded_checkpoint(spec.path)), {}
     if spec.source == "gguf":
         p = Path(spec.path).expanduser()
         if not p.is_file():
             raise FusionlabError(f"GGUF file {str(p)!r} for model {spec.name!r} does not exist; check model.path.")
         return str(p.parent), {"gguf_file": p.name}
-    # hf: a local dir must exist; anything that looks like a path but is missing is a user error.
-    p = Path(spec.path).expanduser()
-    looks_local = spec.path.startswith((".", "/", "~")) or p.exists() or spec.path.count("/") > 1
-    if looks_local and not p.is_dir():
-        raise FusionlabError(
-            f"Model directory {str(p)!r} for model {spec.name!r} does not exist; check model.path "
-            "(a local HF checkpoint dir, or a hub id like 'org/name' when you have network)."
-        )
-    return (str(p) if p.is_dir() else spec.path), {"trust_remote_code": spec.trust_remote_code}
+    location = resolve_checkpoint(spec.path, allow_hub=spec.source == "hf", what=f"model.path of model {spec.name!r}")
+    if isinstance(location, Path) and not location.is_dir():
+        raise FusionlabError(f"Model directory {str(location)!r} for model {spec.name!r} is a file; model.path "
+                             "of an hf model is a checkpoint directory (model=gguf for a .gguf file).")
+    return str(location), ({"trust_remote_code": spec.trust_remote_code} if spec.source == "hf" else {})
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -130,14 +122,14 @@ def build_random_model(config: dict[str, Any], seed: int = 0, vocab_size: int | 
         return AutoModelForCausalLM.from_config(cfg)
 
 
-def load_model(spec: ModelSpec | dict[str, Any]):
+def load_model(spec: ModelSpec | Mapping[str, Any]):
     """Load ``(model, tokenizer)`` for a spec; the model is in eval mode on ``spec.device``."""
     from transformers import AutoModelForCausalLM
 
-    if isinstance(spec, dict):
+    if not isinstance(spec, ModelSpec):
         spec = ModelSpec.from_dict(spec)
     dtype = spec.torch_dtype()
-    device = resolve_device(spec.device)
+    device = resolve_device(spec.device, "model.device")
     tokenizer = load_tokenizer(spec)
     if spec.source == "random":
         model = build_random_model(spec.config, seed=spec.seed, vocab_size=len(tokenizer))

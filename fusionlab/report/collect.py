@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from fusionlab.errors import FusionlabError
+from fusionlab.tracking import is_multirun
 
 SKIP_DIRS = {"wandb", "csv", "lightning_logs", "checkpoints", "__pycache__"}
 
@@ -104,7 +105,7 @@ def _sweep_dir(run_dir: Path) -> Path | None:
             hydra = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("hydra") or {}
         except yaml.YAMLError:
             hydra = {}
-        if str(hydra.get("mode")) in ("MULTIRUN", "RunMode.MULTIRUN"):
+        if is_multirun(hydra):
             return run_dir.parent
     return run_dir.parent if (run_dir.parent / "multirun.yaml").is_file() else None
 

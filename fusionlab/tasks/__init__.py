@@ -1,10 +1,15 @@
-"""Benchmarks: data loading, prompts, answer extraction and scoring.
+"""Benchmarks as data: each task is one :class:`TaskDef` record in the :data:`TASKS` registry.
 
-A task is a :class:`TaskDef` in the :data:`TASKS` registry. Its data comes from a small
-public file shipped in ``fusionlab/data/tasks`` (source and license beside it), from a
-user's JSONL file (``path``), or, for sets too large to ship, from HF ``datasets`` when
-the user has network. Every example is a dict with at least ``id``, ``question`` and
-``answer`` (a number for math tasks, a list of strings for QA and generation tasks).
+A record says where the data comes from (a small public file shipped in ``fusionlab/data/tasks``,
+source and license beside it, or HF ``datasets`` for sets too large to ship; ``task.path`` is a
+user's JSONL file instead), how to prompt (instruction template, assistant prefix, few-shot reply),
+how to read and score a reply (an extractor and a metric, looked up by name in
+:mod:`fusionlab.tasks.scoring`), the default ``max_new_tokens`` and the stop strings. No function
+here looks at a task's name: adding a task that resembles an existing one is one record (reuse a
+preset such as :data:`MATH`) plus its data file.
+
+Every example is a dict with at least ``id``, ``question`` and ``answer`` (a number for math tasks,
+a list of strings for QA and generation tasks).
 """
 from __future__ import annotations
 
@@ -15,41 +20,71 @@ from typing import Any
 
 from fusionlab.errors import FusionlabError
 from fusionlab.io import read_jsonl
-from fusionlab.tasks.scoring import bleu, exact_match, extract_choice, extract_number, numbers_equal, qa_prediction
+from fusionlab.tasks.formats import ANSWERS, DEMOS, fill
+from fusionlab.tasks.scoring import EXTRACTORS, METRICS
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
 
+COT_PREFIX = "Let's think step by step."
 MATH_INSTRUCTION = 'Solve the problem step by step. End your reply with "The answer is N." where N is a number.'
 
 
 @dataclass(frozen=True)
 class TaskDef:
-    """What a task is: where its data lives, how to prompt, how to score."""
+    """What a task is: where its data lives, how to prompt, how to read and score a reply.
+
+    ``prompt`` is the user message, a ``str.format`` template over the example's fields (a dict
+    field such as multiple-choice options is written as ``(key) value`` lines; literal braces are
+    doubled). ``answer``, ``demo``, ``extractor`` and ``metric`` name entries of
+    :data:`~fusionlab.tasks.formats.ANSWERS`, :data:`~fusionlab.tasks.formats.DEMOS`,
+    :data:`~fusionlab.tasks.scoring.EXTRACTORS` and :data:`~fusionlab.tasks.scoring.METRICS`.
+    """
 
     name: str
-    kind: str  # math | qa | generation | choice
-    metric: str  # accuracy | exact_match | bleu
+    prompt: str
+    extractor: str
+    metric: str  # also the key the score is written under in metrics.json
+    assistant_prefix: str = ""  # the text the reply starts with, after the chat template's generation prompt
+    demo: str = "first_reference"  # what a few-shot demonstration replies
+    answer: str = "as_is"  # how the gold answer is normalised after loading
     data_file: str | None = None  # shipped file under fusionlab/data/tasks
-    hf_dataset: tuple[str, ...] | None = None  # (path, config, split) for datasets.load_dataset
-    max_new_tokens: int = 256
+    hf_dataset: tuple[str, str | None, str] | None = None  # (path, config, split) for datasets.load_dataset
+    max_new_tokens: int = 256  # used unless generation.max_new_tokens is set
     stop: tuple[str, ...] = ()
-    fields: dict[str, str] = field(default_factory=dict)  # source field -> canonical field
+    fields: dict[str, str] = field(default_factory=dict)  # source field -> canonical field, applied in order
 
+    def __post_init__(self) -> None:
+        for attr, registry in (("extractor", EXTRACTORS), ("metric", METRICS), ("demo", DEMOS), ("answer", ANSWERS)):
+            if getattr(self, attr) not in registry:
+                raise FusionlabError(f"Task {self.name!r}: {attr}={getattr(self, attr)!r} is not one of {sorted(registry)}.")
+
+
+# Presets shared by the tasks that read and score the same way.
+MATH = dict(prompt="{question}\n" + MATH_INSTRUCTION, assistant_prefix=COT_PREFIX, demo="worked_solution",
+            extractor="number", metric="accuracy")
+CHOICE = dict(prompt='{question}\nAnswer Choices:\n{choices}\nEnd your reply with "The answer is X." where X is one '
+                     "of the letters.", assistant_prefix=COT_PREFIX, demo="choice", extractor="choice",
+              metric="accuracy")
+SHORT_QA = dict(prompt="Answer the question with a short phrase.\nQuestion: {question}", assistant_prefix="Answer:",
+                extractor="short_answer", metric="exact_match", answer="aliases", max_new_tokens=32, stop=("\n",))
+ONE_LINE = dict(extractor="first_line", metric="bleu", answer="references", stop=("\n",))
 
 TASKS: dict[str, TaskDef] = {t.name: t for t in [
-    TaskDef("addsub", "math", "accuracy", "addsub/test.jsonl"),
-    TaskDef("gsm8k", "math", "accuracy", "gsm8k/test.jsonl", fields={"final": "answer", "answer": "solution"}),
-    TaskDef("asdiv", "math", "accuracy", "asdiv/test.jsonl"),
-    TaskDef("svamp", "math", "accuracy", "svamp/test.jsonl"),
-    TaskDef("commonsenseqa", "choice", "accuracy", "commonsenseqa/dev.jsonl"),
-    TaskDef("nq", "qa", "exact_match", None, ("nq_open", None, "validation"), max_new_tokens=32,
-            stop=("\n",)),
-    TaskDef("triviaqa", "qa", "exact_match", None, ("trivia_qa", "rc.nocontext", "validation"),
-            max_new_tokens=32, stop=("\n",)),
-    TaskDef("e2e", "generation", "bleu", "e2e/test.jsonl", max_new_tokens=64, stop=("\n",),
-            fields={"mr": "question", "references": "answer"}),
-    TaskDef("flores", "generation", "bleu", None, ("facebook/flores", "zho_Hans-eng_Latn", "devtest"),
-            max_new_tokens=128, stop=("\n",)),
+    TaskDef("addsub", data_file="addsub/test.jsonl", **MATH),
+    TaskDef("gsm8k", data_file="gsm8k/test.jsonl", fields={"final": "answer", "answer": "solution"}, **MATH),
+    TaskDef("asdiv", data_file="asdiv/test.jsonl", **MATH),
+    TaskDef("svamp", data_file="svamp/test.jsonl", **MATH),
+    TaskDef("commonsenseqa", data_file="commonsenseqa/dev.jsonl", **CHOICE),
+    TaskDef("nq", hf_dataset=("nq_open", None, "validation"), **SHORT_QA),
+    TaskDef("triviaqa", hf_dataset=("trivia_qa", "rc.nocontext", "validation"), **SHORT_QA),
+    TaskDef("e2e", prompt="Write one sentence describing a restaurant with these attributes: {question}",
+            data_file="e2e/test.jsonl", max_new_tokens=64, fields={"mr": "question", "references": "answer"},
+            **ONE_LINE),
+    TaskDef("flores", prompt="Translate the following Chinese text into English.\nChinese: {question}",
+            assistant_prefix="English:", hf_dataset=("facebook/flores", "zho_Hans-eng_Latn", "devtest"),
+            max_new_tokens=128, fields={"source": "question", "target": "answer",  # a user's JSONL pairs, or
+                                        "sentence_zho_Hans": "question", "sentence_eng_Latn": "answer"},  # HF's
+            **ONE_LINE),
 ]}
 
 
@@ -75,10 +110,13 @@ class TaskConfig:
                                  "(or task.path=null for the task's shipped data).")
 
 
-def get_task(name: str) -> TaskDef:
-    if name not in TASKS:
-        raise FusionlabError(f"Unknown task {name!r}; known tasks are {sorted(TASKS)} (task=<name>).")
-    return TASKS[name]
+def get_task(task: str | TaskDef) -> TaskDef:
+    """The record of a task name (a TaskDef passes through, so Python callers can use unregistered tasks)."""
+    if isinstance(task, TaskDef):
+        return task
+    if task not in TASKS:
+        raise FusionlabError(f"Unknown task {task!r}; known tasks are {sorted(TASKS)} (task=<name>).")
+    return TASKS[task]
 
 
 def _normalise(task: TaskDef, raw: dict[str, Any], index: int) -> dict[str, Any]:
@@ -86,16 +124,7 @@ def _normalise(task: TaskDef, raw: dict[str, Any], index: int) -> dict[str, Any]
     for src, dst in task.fields.items():
         if src in raw:
             ex[dst] = raw[src]
-    if task.name == "flores" and "question" not in ex:  # HF flores pairs
-        ex["question"] = ex.get("sentence_zho_Hans", ex.get("source"))
-        ex["answer"] = [ex.get("sentence_eng_Latn", ex.get("target"))]
-    if task.kind == "qa":
-        answers = ex.get("answer", ex.get("answers"))
-        if isinstance(answers, dict):  # trivia_qa's answer dict
-            answers = answers.get("aliases") or [answers.get("value")]
-        ex["answer"] = [answers] if isinstance(answers, str) else list(answers or [])
-    if task.kind == "generation" and isinstance(ex.get("answer"), str):
-        ex["answer"] = [ex["answer"]]
+    ex["answer"] = ANSWERS[task.answer](ex)
     ex.setdefault("id", index)
     missing = [k for k in ("question", "answer") if ex.get(k) is None]
     if missing:
@@ -124,21 +153,24 @@ def _read_hf(task: TaskDef) -> list[dict]:
         ) from e
 
 
-def load_examples(name: str, path: str | None = None, limit: int | None = None, seed: int = 0,
+def load_examples(task: str | TaskDef, path: str | None = None, limit: int | None = None, seed: int = 0,
                   shuffle: bool = False) -> list[dict[str, Any]]:
     """Load a task's examples; ``limit`` picks the first n (or a seeded random n with ``shuffle``)."""
-    task = get_task(name)
+    task = get_task(task)
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise FusionlabError(f"Data file {str(p)!r} for task {name!r} does not exist; check task.path.")
+            raise FusionlabError(f"Data file {str(p)!r} for task {task.name!r} does not exist; check task.path.")
         rows = read_jsonl(p)
     elif task.data_file is not None:
         rows = read_jsonl(DATA_DIR / task.data_file)
-    else:
+    elif task.hf_dataset is not None:
         rows = _read_hf(task)
+    else:
+        raise FusionlabError(f"Task {task.name!r} has no data of its own; give a JSONL file with "
+                             f"task.path=/path/to/{task.name}.jsonl (fields: question, answer).")
     if not rows:
-        raise FusionlabError(f"Task {name!r} has no examples (source: {path or task.data_file or task.hf_dataset}).")
+        raise FusionlabError(f"Task {task.name!r} has no examples (source: {path or task.data_file or task.hf_dataset}).")
     return select_examples([_normalise(task, r, i) for i, r in enumerate(rows)], limit, seed, shuffle)
 
 
@@ -155,112 +187,66 @@ def select_examples(examples: list[dict[str, Any]], limit: int | None = None, se
     return examples
 
 
-def demo_answer(name: str, example: dict[str, Any]) -> str:
+def demo_answer(task: str | TaskDef, example: dict[str, Any]) -> str:
     """The assistant reply a few-shot demonstration shows for ``example``."""
-    task = get_task(name)
-    gold = example["answer"]
-    if task.kind == "math":
-        solution = example.get("solution")
-        if solution:  # gsm8k: the worked solution, with its "#### N" line as the answer sentence
-            return solution.split("####")[0].strip() + f" The answer is {gold}."
-        return f"The answer is {gold}."
-    if task.kind == "choice":
-        return f"The answer is ({gold})."
-    return gold[0] if isinstance(gold, list) else str(gold)
+    return DEMOS[get_task(task).demo](example)
 
 
-def few_shot_examples(name: str, n_shot: int, seed: int = 0, path: str | None = None,
+def few_shot_examples(task: str | TaskDef, n_shot: int, seed: int = 0, path: str | None = None,
                       exclude: set[Any] = frozenset(), pool: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """``n_shot`` seeded demonstrations from the task's data (``pool``: all of it, already loaded),
     never one of the ``exclude`` ids."""
     if n_shot <= 0:
         return []
-    pool = [ex for ex in (pool if pool is not None else load_examples(name, path=path)) if ex["id"] not in exclude]
+    task = get_task(task)
+    pool = [ex for ex in (pool if pool is not None else load_examples(task, path=path)) if ex["id"] not in exclude]
     if len(pool) < n_shot:
-        raise FusionlabError(f"task.n_shot={n_shot} but only {len(pool)} examples of {name!r} are left for "
+        raise FusionlabError(f"task.n_shot={n_shot} but only {len(pool)} examples of {task.name!r} are left for "
                              "demonstrations; lower task.n_shot or task.limit.")
     return random.Random(seed).sample(pool, n_shot)
 
 
-def build_messages(name: str, example: dict[str, Any],
+def build_messages(task: str | TaskDef, example: dict[str, Any],
                    shots: list[dict[str, Any]] = ()) -> tuple[list[dict[str, str]], str]:
     """Chat messages for one example (after optional few-shot turns) plus the text the reply starts with."""
+    task = get_task(task)
     messages: list[dict[str, str]] = []
     for shot in shots:
-        messages += [_user_message(name, shot), {"role": "assistant", "content": demo_answer(name, shot)}]
-    messages.append(_user_message(name, example))
-    return messages, _assistant_prefix(name)
+        messages += [{"role": "user", "content": fill(task.prompt, shot, f"The prompt of task {task.name!r}")},
+                     {"role": "assistant", "content": demo_answer(task, shot)}]
+    messages.append({"role": "user", "content": fill(task.prompt, example, f"The prompt of task {task.name!r}")})
+    return messages, task.assistant_prefix
 
 
-def _user_message(name: str, example: dict[str, Any]) -> dict[str, str]:
-    task = get_task(name)
-    q = example["question"]
-    if task.kind == "math":
-        content = f"{q}\n{MATH_INSTRUCTION}"
-    elif task.kind == "choice":
-        options = "\n".join(f"({k}) {v}" for k, v in example["choices"].items())
-        content = (f"{q}\nAnswer Choices:\n{options}\n"
-                   'End your reply with "The answer is X." where X is one of the letters.')
-    elif task.kind == "qa":
-        content = f"Answer the question with a short phrase.\nQuestion: {q}"
-    elif task.name == "e2e":
-        content = f"Write one sentence describing a restaurant with these attributes: {q}"
-    else:
-        content = f"Translate the following Chinese text into English.\nChinese: {q}"
-    return {"role": "user", "content": content}
-
-
-def _assistant_prefix(name: str) -> str:
-    kind = get_task(name).kind
-    if kind in ("math", "choice"):
-        return "Let's think step by step."
-    return {"qa": "Answer:", "generation": "English:" if name == "flores" else ""}[kind]
-
-
-def task_prompts(name: str, examples: list[dict[str, Any]], tokenizer, use_chat_template: bool,
+def task_prompts(task: str | TaskDef, examples: list[dict[str, Any]], tokenizer, use_chat_template: bool,
                  shots: list[dict[str, Any]] = ()) -> list[str]:
     """Every example's prompt in one model's format (its chat template, or plain text for base models)."""
     from fusionlab.models.chat import render_prompt
 
     prompts = []
     for ex in examples:
-        messages, prefix = build_messages(name, ex, shots)
+        messages, prefix = build_messages(task, ex, shots)
         prompts.append(render_prompt(tokenizer, messages, use_chat_template=use_chat_template,
                                      assistant_prefix=prefix))
     return prompts
 
 
-def task_stops(name: str, use_chat_template: bool) -> list[str]:
+def task_stops(task: str | TaskDef, use_chat_template: bool) -> list[str]:
     """Task stop strings, plus the next-question marker that base models (plain-text prompts) tend to write."""
-    return list(get_task(name).stop) + ([] if use_chat_template else ["\nQuestion:"])
+    return list(get_task(task).stop) + ([] if use_chat_template else ["\nQuestion:"])
 
 
-def extract_answer(name: str, text: str) -> Any:
+def extract_answer(task: str | TaskDef, text: str) -> Any:
     """The prediction a task scores: a number, a choice letter, or cleaned text."""
-    task = get_task(name)
-    if task.kind == "math":
-        return extract_number(text)
-    if task.kind == "choice":
-        return extract_choice(text)
-    if task.kind == "qa":
-        return qa_prediction(text)
-    return text.strip().split("\n")[0].strip()
+    return EXTRACTORS[get_task(task).extractor].parse(text)
 
 
-def score(name: str, outputs: list[str], examples: list[dict[str, Any]]) -> tuple[dict[str, float], list[bool | None]]:
+def score(task: str | TaskDef, outputs: list[str], examples: list[dict[str, Any]]) -> tuple[dict[str, float], list[bool | None]]:
     """Score model outputs against gold answers: (task metrics, per-example correctness or None)."""
-    task = get_task(name)
+    task = get_task(task)
     if len(outputs) != len(examples):
         raise ValueError(f"{len(outputs)} outputs for {len(examples)} examples")
-    preds = [extract_answer(name, o) for o in outputs]
-    if task.metric == "bleu":
-        value = bleu(preds, [ex["answer"] for ex in examples])
-        return {"bleu": value, "n": len(examples)}, [None] * len(examples)
-    if task.kind == "math":
-        correct = [numbers_equal(p, ex["answer"]) for p, ex in zip(preds, examples)]
-    elif task.kind == "choice":
-        correct = [p is not None and p == ex["answer"] for p, ex in zip(preds, examples)]
-    else:
-        correct = [exact_match(p, ex["answer"]) for p, ex in zip(preds, examples)]
-    value = sum(correct) / len(correct) if correct else 0.0
+    extractor = EXTRACTORS[task.extractor]
+    preds = [extractor.parse(o) for o in outputs]
+    value, correct = METRICS[task.metric](preds, [ex["answer"] for ex in examples], extractor)
     return {task.metric: value, "n": len(examples)}, correct

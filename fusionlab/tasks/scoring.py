@@ -1,9 +1,14 @@
-"""Answer extraction and scores, kept free of any model code so they can be checked by hand."""
+"""Answer extraction and scores, kept free of any model code so they can be checked by hand.
+
+Tasks refer to them by name: :data:`EXTRACTORS` (read a prediction from a reply, match it against
+the gold answer) and :data:`METRICS` (aggregate the predictions into the task's score).
+"""
 from __future__ import annotations
 
 import re
 import string
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 # 1,234 and 1234 and 12.5 and -3; a comma only groups thousands, so "1,2,3" is three numbers.
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
@@ -70,3 +75,48 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
     # sacrebleu takes one stream per reference slot; missing references are None.
     streams = [[refs[i] if i < len(refs) else None for refs in references] for i in range(n_refs)]
     return float(sacrebleu.corpus_bleu(list(predictions), streams).score)
+
+
+def first_line(text: str) -> str:
+    """The first line of a generated text, stripped (generation tasks score one sentence)."""
+    return text.strip().split("\n")[0].strip()
+
+
+def choice_equal(pred: str | None, gold: str) -> bool:
+    return pred is not None and pred == gold
+
+
+@dataclass(frozen=True)
+class Extractor:
+    """How a task reads its prediction out of a reply, and when that prediction matches the gold answer."""
+
+    parse: Callable[[str], Any]
+    matches: Callable[[Any, Any], bool]
+
+
+# A task names its extractor and metric (fusionlab.tasks.TaskDef); a new kind of answer is one entry here.
+EXTRACTORS: dict[str, Extractor] = {
+    "number": Extractor(extract_number, numbers_equal),
+    "choice": Extractor(extract_choice, choice_equal),
+    "short_answer": Extractor(qa_prediction, exact_match),
+    "first_line": Extractor(first_line, exact_match),
+}
+
+
+def mean_match(preds: Sequence[Any], golds: Sequence[Any], extractor: Extractor) -> tuple[float, list[bool | None]]:
+    """The share of predictions that match their gold answer, and each example's match."""
+    correct: list[bool | None] = [extractor.matches(p, g) for p, g in zip(preds, golds)]
+    return (sum(correct) / len(correct) if correct else 0.0), correct
+
+
+def corpus_bleu(preds: Sequence[Any], golds: Sequence[Any], extractor: Extractor) -> tuple[float, list[bool | None]]:
+    """Corpus BLEU over every prediction; no per-example verdict."""
+    return bleu(preds, golds), [None] * len(preds)
+
+
+# metric name (the key written to metrics.json) -> (predictions, golds, extractor) -> (value, per-example match)
+METRICS: dict[str, Callable[[Sequence[Any], Sequence[Any], Extractor], tuple[float, list[bool | None]]]] = {
+    "accuracy": mean_match,
+    "exact_match": mean_match,
+    "bleu": corpus_bleu,
+}

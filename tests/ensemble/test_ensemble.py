@@ -86,8 +86,11 @@ def test_gate_threshold_0_is_the_main_model_and_1_is_plain_eva(tiny_pair, exact_
     never, every = run(gate="confidence", gate_threshold=0.0), run(gate="confidence", gate_threshold=1.0)
     assert alone.texts != eva.texts  # the aux model changes something here, so the equalities below can fail
     assert never.texts == alone.texts and every.texts == eva.texts
-    assert never.stats["ensembled_row_steps"] == never.stats["aux_forward_steps"] == 0
-    assert never.stats["forward_tokens"] == alone.stats["forward_tokens"]  # the aux model never ran
+    assert never.stats["ensembled_row_steps"] == 0
+    assert never.stats["aux_forward_steps"] == 1  # parallel members: only the aux prefill, overlapping the main's
+    in_turn = run(gate="confidence", gate_threshold=0.0, parallel=False)
+    assert in_turn.texts == alone.texts and in_turn.stats["aux_forward_steps"] == 0
+    assert in_turn.stats["forward_tokens"] == alone.stats["forward_tokens"]  # the aux model never ran
     assert every.stats["ensembled_row_steps"] == every.stats["row_steps"] == eva.stats["row_steps"]
     # SAFE's consensus skip: skipping where all members agree on top-1 never changes a greedy output
     assert run(gate="disagree").texts == eva.texts
@@ -138,7 +141,7 @@ def test_mass_onto_equals_the_dense_projection():
     assert torch.allclose(proj.mass_onto(probs, rows, targets), (probs @ dense_s)[rows, targets])
 
 
-def test_evaluate_ensemble_report(tiny_pair, exact_alignment):
+def test_evaluate_ensemble_report(tiny_pair, exact_alignment, caplog):
     from fusionlab.ensemble import DecodingOptions
     from fusionlab.tasks import load_examples
 
@@ -159,7 +162,11 @@ def test_evaluate_ensemble_report(tiny_pair, exact_alignment):
             tuple(round(x, 4) for x in wilson_interval(n_right, 3))
     assert r["best_member"] in ("main", "aux")
     assert r["ensemble_minus_best_accuracy"] == round(r["ensemble_accuracy"] - r[f"{r['best_member']}_accuracy"], 4)
-    assert r["ensemble_gate_fired_frac"] == 0.0 and r["ensemble_aux_forward_frac"] == 0.0  # threshold 0: never
+    assert r["ensemble_gate_fired_frac"] == 0.0  # threshold 0: never ensembled
+    assert r["ensemble_aux_forward_steps"] == 2  # the aux prefill of each batch only (overlapping the main's)
+    # a random Gemma's top-20 are mostly tokens the exact alignment cannot map: reported, and warned about
+    assert 0.1 < r["ensemble_aux_unmapped_mass"] <= 1.0
+    assert any("aux model 'aux'" in m and "projected nowhere" in m for m in caplog.messages)
     assert [row["ensemble_output"] for row in report.rows] == [row["main_output"] for row in report.rows]
     assert r["ensemble_step_vs_slowest"] > 0 and r["threads_per_member"] >= 1
     table = report.table()

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from fusionlab.errors import FusionlabError
-from fusionlab.metrics.diff_erank import evaluate_diff_erank, load_texts, model_entropies
+from fusionlab.metrics.diff_erank import evaluate_diff_erank, model_entropies
 from fusionlab.metrics.representation import Tokens, dataset_eranks, erank, matrix_entropy, prompt_entropy
 from fusionlab.metrics.suite import MetricConfig, tokenize, untrained_twin
+from fusionlab.tasks.texts import load_text_set
 
 TINY = {"name": "tiny", "source": "random", "tokenizer": "smollm2_135m",
         "config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -119,7 +120,7 @@ def test_untrained_twin_is_reproducible_for_a_seed():
 
 
 def test_evaluate_tiny_random_model_against_its_twin():
-    texts = ["", "Hi", *load_texts(limit=3)]
+    texts = ["", "Hi", *load_text_set(stop=3)]
     same = evaluate_diff_erank(TINY, texts, MetricConfig(layers="all", seed=0, max_length=48))
     m = same.flat("tiny/")
     assert m["tiny/n_texts"] == 3 and m["tiny/n_skipped"] == 2  # "" and "Hi" have < 2 tokens (no BOS)
@@ -159,13 +160,13 @@ def test_empty_text_sets(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(FusionlabError, match="empty"):
-        load_texts(empty)
+        load_text_set(empty)
     with pytest.raises(FusionlabError, match="does not exist"):
-        load_texts(tmp_path / "missing.jsonl")
+        load_text_set(tmp_path / "missing.jsonl")
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"content": "x"}\n')
     with pytest.raises(FusionlabError, match="no field 'text'"):
-        load_texts(wrong)
+        load_text_set(wrong)
     with pytest.raises(FusionlabError, match="empty"):
         model_entropies(tiny_llama(), [])
     from fusionlab.models import ModelSpec, load_tokenizer

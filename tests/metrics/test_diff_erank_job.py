@@ -108,10 +108,12 @@ def test_representation_metrics_job_on_a_tiny_model(compose, tmp_path):
 @pytest.mark.parametrize("override,message", [("metric.metrics=[nosuch]", "Unknown metric"),
                                               ("metric.alpha=0", "metric.alpha=0.0")])
 def test_cli_bad_metric_values_exit_2_before_any_model_loads(tmp_path, override, message):
-    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}
+    cache = tmp_path / "empty_cache"  # a model load would convert the embedded models into it
+    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false", "FUSIONLAB_CACHE": str(cache)}
     proc = subprocess.run([sys.executable, "-m", "fusionlab.run", "+experiment=representation_metrics", override,
-                           "model.path=/nonexistent/never/loaded", f"hydra.run.dir={tmp_path}"],
+                           f"hydra.run.dir={tmp_path}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"fusionlab: error: " in proc.stderr and message in proc.stderr
     assert "Loading" not in proc.stderr and not (tmp_path / "per_layer.jsonl").exists()
+    assert not cache.exists() or not any(cache.rglob("*.safetensors"))
