@@ -13,6 +13,7 @@ fails while Hydra composes, a bad value (a range, a choice, a missing path) in
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import sys
@@ -68,12 +69,32 @@ def _job_module(name: str):
     return importlib.import_module(JOBS[name])
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the job that ``cfg.job`` names and write its ``metrics.json``; return the metrics."""
-    import lightning
+def _numbers(metrics: dict[str, Any]) -> list[str]:
+    return sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
 
+
+def _objective_error(cfg: DictConfig, available: list[str], when: str) -> FusionlabError | None:
+    """A sweep's objective must be a number the job writes: say which ones it does, never hand Optuna a None."""
+    objective = cfg.get("objective")
+    if objective and objective not in available:
+        return FusionlabError(f"objective={objective!r} is not a number the {cfg.job} job {when} metrics.json; "
+                              f"set objective= to one of {available}.")
+    return None
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run the job that ``cfg.job`` names and write its ``metrics.json``; return the metrics.
+
+    A job module may declare ``metric_names(cfg)``, the numbers it will write: then a wrong
+    ``objective`` fails here, before any model loads; otherwise it fails when the job ends.
+    """
     validate(cfg)  # every value check, before any output dir, model or data
     job = _job_module(cfg.job)
+    declared = sorted({*job.metric_names(cfg), "wall_s"}) if hasattr(job, "metric_names") else None
+    if declared is not None and (failure := _objective_error(cfg, declared, "writes to")):
+        raise failure
+    import lightning
+
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("seed") is not None:
@@ -81,33 +102,37 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     metrics = job.run(cfg, output_dir)
     metrics = {"job": cfg.job, **metrics, "wall_s": round(time.perf_counter() - start, 3), "status": "ok"}
-    objective = cfg.get("objective")
-    if objective and not isinstance(metrics.get(objective), (int, float)):
-        available = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-        metrics["status"] = "failed"
-        metrics["error"] = f"objective {objective!r} missing"
-        if _is_global_rank_zero():
-            write_json(output_dir / "metrics.json", metrics)
-        raise FusionlabError(f"objective={objective!r} is not a number this {cfg.job} run wrote to metrics.json; "
-                             f"set objective= to one of {available}.")
+    failure = _objective_error(cfg, _numbers(metrics), "wrote to")
+    if failure:
+        metrics.update(status="failed", error=str(failure))
     if _is_global_rank_zero():  # multi-GPU jobs run this function once per rank
         write_json(output_dir / "metrics.json", metrics)
         log.info("Wrote %s", output_dir / "metrics.json")
+    if failure:
+        raise failure
     return metrics
 
 
 def _is_global_rank_zero() -> bool:
+    """Multi-GPU jobs run once per rank and only rank zero writes. Before Lightning is imported (a config
+    error) every rank fails alike and writes the same record atomically, so any rank may write it."""
+    if "lightning" not in sys.modules:
+        return True
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def _record_failure(cfg: DictConfig, err: BaseException) -> None:
-    """Leave a readable trace of a failed job in its output dir (sweeps report it as failed)."""
+    """Leave a readable trace of a failed job in its output dir (sweeps report it as failed), unless
+    :func:`run` already wrote the job's metrics marked failed."""
     if not _is_global_rank_zero():
         return
     try:
         output_dir = Path(cfg.paths.output_dir)
+        written = output_dir / "metrics.json"
+        if written.is_file() and json.loads(written.read_text()).get("status") == "failed":
+            return
         output_dir.mkdir(parents=True, exist_ok=True)
         write_json(output_dir / "metrics.json",
                    {"job": cfg.get("job"), "status": "failed", "error": f"{type(err).__name__}: {err}"})
@@ -122,7 +147,9 @@ def main(cfg: DictConfig) -> float | None:
     except FusionlabError as err:
         _record_failure(cfg, err)
         print(f"fusionlab: error: {err}", file=sys.stderr)
-        if _in_multirun():
+        from fusionlab.jobs._common import multirun_sweep_dir
+
+        if multirun_sweep_dir() is not None:
             raise  # hydra records the job as failed; the sweep goes on
         sys.exit(2)
     except BaseException as err:
@@ -130,16 +157,6 @@ def main(cfg: DictConfig) -> float | None:
         raise
     objective = cfg.get("objective")
     return float(metrics[objective]) if objective else None
-
-
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    try:
-        return HydraConfig.get().mode == RunMode.MULTIRUN
-    except ValueError:
-        return False
 
 
 def cli() -> None:

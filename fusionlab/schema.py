@@ -67,11 +67,11 @@ class RootConfig:
     scheduler: dict[str, Any] | None = None
 
 
-
 # Group options typed by their own dataclass, stored in the ConfigStore as (group, name): the option's
 # YAML lists ``<name>`` first in its defaults (conf/align_method/vecmap_csls.yaml: vecmap_csls_schema).
 GROUP_SCHEMAS: dict[tuple[str, str], type] = {("align_method", f"{name}_schema"): method.options
                                               for name, method in ALIGN_METHODS.items()}
+
 
 def validate(cfg: DictConfig) -> RootConfig:
     """Build the typed config, running every node's value checks; a bad value is a FusionlabError."""

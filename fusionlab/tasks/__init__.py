@@ -210,11 +210,12 @@ def build_messages(task: str | TaskDef, example: dict[str, Any],
                    shots: list[dict[str, Any]] = ()) -> tuple[list[dict[str, str]], str]:
     """Chat messages for one example (after optional few-shot turns) plus the text the reply starts with."""
     task = get_task(task)
+    owner = f"The prompt of task {task.name!r}"
     messages: list[dict[str, str]] = []
     for shot in shots:
-        messages += [{"role": "user", "content": fill(task.prompt, shot, f"The prompt of task {task.name!r}")},
+        messages += [{"role": "user", "content": fill(task.prompt, shot, owner)},
                      {"role": "assistant", "content": demo_answer(task, shot)}]
-    messages.append({"role": "user", "content": fill(task.prompt, example, f"The prompt of task {task.name!r}")})
+    messages.append({"role": "user", "content": fill(task.prompt, example, owner)})
     return messages, task.assistant_prefix
 
 

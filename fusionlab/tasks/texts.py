@@ -79,7 +79,8 @@ def load_text_set(source: str | os.PathLike | Sequence[str] | None = None, *, pa
     set's format instead of its own rows), a JSONL file with the text under ``field``, a list of texts,
     or None for the default set."""
     if source is not None and not isinstance(source, (str, os.PathLike)):
-        texts, label = [str(t) for t in source], "given as a list"
+        texts = [str(t) for t in source]
+        label = "the given list of texts" if texts else "an empty list of texts"
     else:
         source = DEFAULT_TEXT_SET if source is None else source
         file = Path(path).expanduser() if path is not None else None
@@ -87,15 +88,15 @@ def load_text_set(source: str | os.PathLike | Sequence[str] | None = None, *, pa
             if file is not None and not file.is_file():
                 raise FusionlabError(f"Text file {str(file)!r} for the {source!r} text set does not exist; drop it "
                                      "to use the shipped rows.")
-            texts, label = _named_texts(source, file), repr(source)
+            texts, label = _named_texts(source, file), f"the text set {source!r}"
         else:
             file = Path(source).expanduser()
             if not file.is_file():
                 raise FusionlabError(f"Text set {str(source)!r} does not exist: it is neither a named set "
                                      f"({sorted(TEXT_SETS)}) nor a JSONL file.")
-            texts, label = _file_texts(file, field), repr(str(file))
+            texts, label = _file_texts(file, field), f"the text set {str(file)!r}"
     out = texts[start:stop]
     if not out:
-        raise FusionlabError(f"The text set {label} is empty in rows [{start}, {stop}) ({len(texts)} texts); give at "
-                             "least one text, or pick start/stop inside the set.")
+        raise FusionlabError(f"Rows [{start}, {stop}) of {label} ({len(texts)} texts) are empty; give at least one "
+                             "text, or pick start/stop inside the set.")
     return out

@@ -5,9 +5,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from fusionlab.io import read_jsonl
 from tests.conftest import REPO
@@ -35,6 +37,11 @@ def test_eval_writes_metrics_predictions_and_offline_wandb(tmp_path):
     assert sum(r["correct"] for r in rows) / 3 == pytest.approx(metrics["accuracy"])
     assert list((tmp_path / "wandb").glob("offline-run-*")), "an offline W&B run is written"
     assert (tmp_path / "log.csv").read_text().startswith("step,")
+    # the numbers the job declares up front (objective check) are exactly the ones it wrote
+    from fusionlab.jobs.evaluate import metric_names
+
+    numbers = {k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert set(metric_names(OmegaConf.create({"task": {"name": "addsub"}}))) == numbers - {"wall_s"}
 
 
 @pytest.mark.slow
@@ -76,3 +83,41 @@ def test_unknown_config_options_fail_at_compose(tmp_path, args, needle):
     proc = fusionlab_run([*TINY_EVAL, *args], tmp_path)
     assert proc.returncode != 0
     assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+# A model that cannot load: a check that fires first proves it fired before any model was loaded.
+UNLOADABLE = ["+experiment=eval_addsub", "model=hf", "model.path=/no/such/model_dir"]
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["task.limt=2"], ["task.limt", "TaskConfig"]),  # unknown key
+    (["+model.foo=1"], ["['foo']", "trust_remote_code"]),  # a key force-added to a typed node
+    (["task.limit=abc"], ["task.limit", "'abc'"]),  # wrong type
+    (["task.limit=0"], ["task.limit=0"]),  # bad value
+    (["generation.batch_size=0"], ["generation.batch_size=0"]),
+    (["model.dtype=float33"], ["float33", "bfloat16"]),
+    (["model.device=gpu0"], ["model.device='gpu0'", "cuda:N"]),
+    (["model=no_such_model"], ["model/no_such_model", "smollm2_135m"]),  # unknown group option
+    (["job=nonsense"], ["Unknown job 'nonsense'", "evaluate"]),
+    (["objective=nosuch"], ["objective='nosuch'", "'accuracy'", "'tokens_per_s'"]),  # objective it never writes
+])
+def test_config_errors_exit_2_before_any_model_loads(tmp_path, args, needles):
+    start = time.perf_counter()
+    proc = fusionlab_run([*UNLOADABLE, *args], tmp_path, timeout=120)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith("fusionlab: error: ") and "Traceback" not in proc.stderr
+    assert all(n in proc.stderr for n in needles), proc.stderr
+    assert not (tmp_path / "wandb").exists() and not (tmp_path / "predictions.jsonl").exists()
+    assert elapsed < 60, f"a config error took {elapsed:.0f} s"
+
+
+def test_objective_checked_again_when_the_job_ends(tmp_path):
+    """Jobs that do not declare metric_names: the objective is checked against what they wrote, never a silent None."""
+    from fusionlab.errors import FusionlabError
+    from fusionlab.run import _objective_error
+
+    err = _objective_error(OmegaConf.create({"job": "merge", "objective": "ppl"}), ["tensors", "wall_s"], "wrote to")
+    assert isinstance(err, FusionlabError) and "objective='ppl'" in str(err) and "['tensors', 'wall_s']" in str(err)
+    assert _objective_error(OmegaConf.create({"job": "merge", "objective": "tensors"}), ["tensors"], "wrote to") is None
+    assert _objective_error(OmegaConf.create({"job": "merge", "objective": None}), [], "wrote to") is None

@@ -49,3 +49,44 @@ def test_every_experiment_composes_at_top_level(compose, name):
             assert key in cfg, f"{name}: key {key!r} is not at the top level"
     assert isinstance(cfg.job, str)
     OmegaConf.to_container(cfg.model, resolve=False)
+
+
+def test_one_multirun_check_for_live_and_saved_runs(compose):
+    from hydra.types import RunMode
+
+    from fusionlab.jobs._common import multirun_sweep_dir
+    from fusionlab.tracking import is_multirun
+
+    single = compose([])
+    assert not is_multirun(single.hydra) and multirun_sweep_dir() is None
+    swept = compose(["hydra.mode=MULTIRUN", "hydra.sweep.dir=/tmp/sweeps/s1"])
+    assert is_multirun(swept.hydra) and str(multirun_sweep_dir()) == "/tmp/sweeps/s1"
+    compose([])  # leave Hydra's global config as a single run for the tests after this one
+    assert is_multirun({"mode": "MULTIRUN"}) and is_multirun({"mode": RunMode.MULTIRUN})  # a saved hydra.yaml, live
+    assert not is_multirun({"mode": "RUN"}) and not is_multirun(None)
+
+
+@pytest.mark.parametrize("group", ["model", "task"])
+def test_group_files_state_only_what_differs_from_the_dataclass(group):
+    """Each default is written once, in code: a YAML value equal to it is a second copy that can drift
+    (``name`` is each file's identity, not a default)."""
+    import dataclasses
+
+    from fusionlab.models import ModelSpec
+    from fusionlab.tasks import TaskConfig
+
+    cls = {"model": ModelSpec, "task": TaskConfig}[group]
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cls)}
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        assert set(raw) <= set(defaults), path.name
+        assert not [k for k, v in raw.items() if v == defaults[k] and k != "name"], f"{path.name} restates a default"
+
+
+def test_task_max_new_tokens_is_honoured_unless_overridden(compose):
+    from fusionlab.tasks import get_task
+
+    cfg = compose(["task=nq"])
+    assert cfg.generation.max_new_tokens is None and get_task(cfg.task.name).max_new_tokens == 32
+    assert compose(["task=nq", "generation.max_new_tokens=8"]).generation.max_new_tokens == 8

@@ -96,3 +96,45 @@ def test_gguf_source_matches_embedded_checkpoint():
     a = gguf_model.get_input_embeddings().weight
     b = cached.get_input_embeddings().weight
     assert torch.equal(a, b)
+
+
+def test_spec_value_checks_run_when_the_spec_is_built():
+    """Typed configs run these in fusionlab.schema.validate, before a job loads anything."""
+    for bad, needle in [({"source": "ftp"}, "model.source 'ftp'"), ({"dtype": "float33"}, "float33"),
+                        ({"device": "gpu0"}, "model.device='gpu0'"),
+                        ({"source": "embedded", "path": "llama3_8b"}, "'llama3_8b'")]:
+        with pytest.raises(FusionlabError, match=needle):
+            ModelSpec(name="x", **bad)
+    assert ModelSpec(dtype="bf16", device="cuda:1").torch_dtype() is torch.bfloat16  # a form; not checked for a GPU
+
+
+def test_one_model_reference_resolver(tmp_path):
+    from fusionlab.models.resolve import resolve_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    assert resolve_checkpoint("smollm2_135m") == embedded_checkpoint("smollm2_135m")
+    assert resolve_checkpoint(str(ckpt)) == ckpt
+    assert resolve_checkpoint("derived:chat", {"chat": ckpt}) == ckpt
+    assert resolve_checkpoint("org/model", allow_hub=True) == "org/model"
+    with pytest.raises(FusionlabError, match="'derived:cp' is not a derived checkpoint.*\\['chat'\\]"):
+        resolve_checkpoint("derived:cp", {"chat": ckpt})
+    with pytest.raises(FusionlabError, match="'org/model' is neither"):
+        resolve_checkpoint("org/model")  # merging reads local checkpoints only
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(FusionlabError, match="is a file"):
+        load_model({"name": "x", "source": "hf", "path": str(weights)})  # an hf model is a directory
+
+
+def test_one_dtype_table_and_device_resolver():
+    from fusionlab.models.resolve import DTYPES, resolve_device, torch_dtype
+
+    assert torch_dtype("fp64") is torch.float64 and DTYPES["bf16"] is torch.bfloat16
+    with pytest.raises(FusionlabError, match="merge.dtype 'fp8'"):
+        torch_dtype("fp8", "merge.dtype")
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(FusionlabError, match="merge.device='cuda:0' but no CUDA GPU"):
+            resolve_device("cuda:0", "merge.device")

@@ -118,3 +118,59 @@ def test_few_shot_demonstrations_are_seeded_and_never_evaluated():
     assert demo_answer("e2e", {"answer": ["ref one", "ref two"]}) == "ref one"
     with pytest.raises(FusionlabError, match="n_shot=5"):
         few_shot_examples("addsub", 5, path=None, exclude={e["id"] for e in load_examples("addsub")[:392]})
+
+
+def test_a_math_task_defined_only_as_a_record_works_end_to_end(tmp_path, monkeypatch):
+    """Adding a task = one record (here the MATH preset) + its data file; prompts, demos and scores follow."""
+    from fusionlab.tasks import MATH, MATH_INSTRUCTION, TaskConfig, TaskDef, task_prompts, task_stops
+
+    data = tmp_path / "mawps.jsonl"
+    data.write_text("".join(json.dumps({"id": f"m{i}", "question": f"What is {i} + {i}?", "answer": 2 * i}) + "\n"
+                            for i in range(1, 5)))
+    monkeypatch.setitem(TASKS, "mawps", TaskDef("mawps", data_file=str(data), max_new_tokens=64, **MATH))
+    assert TaskConfig(name="mawps").name == "mawps"  # the typed config accepts it: task.name=mawps on the CLI
+    examples = load_examples("mawps", limit=2)
+    shots = few_shot_examples("mawps", 1, seed=0, exclude={e["id"] for e in examples}, pool=load_examples("mawps"))
+    shot = shots[0]
+    prompts = task_prompts("mawps", examples, None, use_chat_template=False, shots=shots)
+    assert prompts[0] == (f"Question: {shot['question']}\n{MATH_INSTRUCTION}\nAnswer: The answer is {shot['answer']}.\n"
+                          f"Question: What is 1 + 1?\n{MATH_INSTRUCTION}\nAnswer: Let's think step by step.")
+    assert task_stops("mawps", use_chat_template=False) == ["\nQuestion:"]
+    metrics, correct = score("mawps", ["1 + 1 = 2. The answer is 2.", "The answer is 5."], examples)
+    assert correct == [True, False] and metrics == {"accuracy": 0.5, "n": 2}
+
+
+def test_a_new_generation_task_gets_its_own_prompt():
+    """The old code gave every unknown generation task the Chinese-translation prompt."""
+    from fusionlab.tasks import ONE_LINE, TaskDef
+
+    haiku = TaskDef("haiku", prompt="Write a haiku about {question}.", assistant_prefix="Haiku:", **ONE_LINE)
+    messages, prefix = build_messages(haiku, {"id": 0, "question": "rain", "answer": ["x"]})
+    assert messages == [{"role": "user", "content": "Write a haiku about rain."}] and prefix == "Haiku:"
+    metrics, correct = score(haiku, ["the cat sat on the mat\nmore"], [{"answer": ["the cat sat on the mat"]}])
+    assert metrics == {"bleu": pytest.approx(100.0), "n": 1} and correct == [None]
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_no_behaviour_depends_on_a_task_name(name):
+    """A copy of every record under another name prompts, extracts and scores exactly alike."""
+    import dataclasses
+
+    from fusionlab.tasks import extract_answer
+
+    copy = dataclasses.replace(TASKS[name], name="renamed")
+    gold = {"number": 3, "choice": "B"}.get(TASKS[name].extractor, ["Paris"])
+    ex = {"id": 0, "question": "Q?", "answer": gold, "choices": {"A": "x", "B": "y"}, "solution": "Step. #### 3"}
+    assert build_messages(copy, ex, [ex]) == build_messages(name, ex, [ex])
+    outputs = ["The answer is (B). So 3", "Paris\nmore"]
+    assert [extract_answer(copy, o) for o in outputs] == [extract_answer(name, o) for o in outputs]
+    assert score(copy, outputs, [ex, ex]) == score(name, outputs, [ex, ex])
+
+
+def test_bad_records_and_missing_fields_are_named():
+    from fusionlab.tasks import MATH, TaskDef
+
+    with pytest.raises(FusionlabError, match="extractor='numbr'"):
+        TaskDef("x", **{**MATH, "extractor": "numbr"})
+    with pytest.raises(FusionlabError, match="'choices'"):
+        build_messages("commonsenseqa", {"id": 7, "question": "Q?", "answer": "A"})
