@@ -28,7 +28,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         specs = [dataclasses.replace(s, name=f"{s.name}_{i}") for i, s in enumerate(specs)]
     align_method = OmegaConf.to_object(cfg.align_method) if cfg.get("align_method") is not None else "vecmap_csls"
     task, examples, shots = task_inputs(cfg)
-    max_new_tokens = cfg.generation.max_new_tokens or task.max_new_tokens
+    max_new_tokens = OmegaConf.to_object(cfg.generation).new_tokens_for(task.max_new_tokens)
 
     with make_tracker(cfg, output_dir) as tracker:
         loaded = [load_model(s) for s in specs]

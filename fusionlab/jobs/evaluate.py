@@ -28,7 +28,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     with make_tracker(cfg, output_dir) as tracker:
         model, tokenizer = load_model(spec)
         prompts = task_prompts(task, examples, tokenizer, spec.use_chat_template, shots)
-        result = generate(model, tokenizer, prompts, max_new_tokens=gen.max_new_tokens or task.max_new_tokens,
+        result = generate(model, tokenizer, prompts, max_new_tokens=gen.new_tokens_for(task.max_new_tokens),
                           batch_size=gen.batch_size, do_sample=gen.do_sample, temperature=gen.temperature,
                           top_p=gen.top_p, stop=task_stops(task, spec.use_chat_template), seed=cfg.seed)
         scores, correct = score(task, result.texts, examples)

@@ -32,6 +32,10 @@ class GenerationConfig:
         if not 0 < self.top_p <= 1:
             raise FusionlabError(f"generation.top_p={self.top_p} must be in (0, 1].")
 
+    def new_tokens_for(self, task_default: int) -> int:
+        """The user's ``max_new_tokens`` when set, else the task's own default."""
+        return self.max_new_tokens if self.max_new_tokens is not None else task_default
+
 
 @dataclass
 class GenerationResult:
