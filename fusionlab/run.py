@@ -24,10 +24,10 @@ from typing import Any
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from fusionlab.errors import FusionlabError
-from fusionlab.io import write_json
+from fusionlab.errors import FusionlabError, user_error
+from fusionlab.io import clean_stale_temps, write_json
 from fusionlab.schema import GROUP_SCHEMAS, RootConfig, config_error_message, validate
 
 log = logging.getLogger("fusionlab")
@@ -48,16 +48,55 @@ JOBS: dict[str, str] = {
     "chat_vector": "fusionlab.jobs.chat_vector",
     "diff_erank": "fusionlab.jobs.representation_metrics",
     "representation_metrics": "fusionlab.jobs.representation_metrics",
+    "tokensurgeon": "fusionlab.jobs.tokensurgeon",
+    "extract_lora": "fusionlab.jobs.extract_lora",
 }
 
 SCHEMA_NAME = "fusionlab_schema"  # conf/config.yaml's first defaults entry
 
 
+def first_free_job_number(sweep_dir: str) -> int:
+    """One past the highest numbered job dir already in ``sweep_dir`` (0 for a new sweep)."""
+    path = Path(sweep_dir)
+    numbers = [int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir()] if path.is_dir() else []
+    return max(numbers, default=-1) + 1
+
+
+class ContinueJobNumbers:
+    """Hydra callback: a sweep continued in an existing sweep dir numbers its jobs after the existing ones.
+
+    ``hydra.sweep.subdir`` is ``job.num + ${fusionlab_first_job:<sweep dir>}`` (conf/hydra/default.yaml).
+    That resolver is cached, and Hydra copies the sweep's resolver cache into every job's config
+    (the mechanism that keeps ``${now:}`` equal across jobs), so resolving it once here, before the first
+    job, fixes the offset for the whole sweep — also in joblib / submitit / SLURM worker processes.
+    """
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from omegaconf import open_dict, read_write
+
+        with read_write(config), open_dict(config):  # resolve it once in the sweep's config: the value is cached
+            config["_fusionlab_first_job"] = "${fusionlab_first_job:${hydra.sweep.dir}}"
+            first = int(config["_fusionlab_first_job"])
+            del config["_fusionlab_first_job"]
+        if first:
+            log.info("Sweep dir %s already holds jobs 0..%d: new jobs are numbered from %d",
+                     config.hydra.sweep.dir, first - 1, first)
+
+    def __getattr__(self, name: str):  # Hydra calls every on_* hook by name
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+
 def register_configs() -> None:
-    """Put the typed root schema into Hydra's ConfigStore (idempotent; tests composing configs call it too)."""
+    """Put the typed root schema into Hydra's ConfigStore and our resolvers into OmegaConf (idempotent;
+    tests composing configs call it too)."""
     ConfigStore.instance().store(name=SCHEMA_NAME, node=RootConfig)
     for (group, name), node in GROUP_SCHEMAS.items():
         ConfigStore.instance().store(group=group, name=name, node=node)
+    if not OmegaConf.has_resolver("fusionlab_first_job"):
+        OmegaConf.register_new_resolver("fusionlab_first_job", first_free_job_number, use_cache=True)
+        OmegaConf.register_new_resolver("fusionlab_add", lambda a, b: int(a) + int(b))
 
 
 register_configs()
@@ -97,10 +136,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(output_dir)  # temp files and dirs of a killed earlier run of this dir
     if cfg.get("seed") is not None:
         lightning.seed_everything(int(cfg.seed), workers=True, verbose=False)
     start = time.perf_counter()
-    metrics = job.run(cfg, output_dir)
+    try:
+        metrics = job.run(cfg, output_dir)
+    except FusionlabError:
+        raise
+    except Exception as err:  # a known reader/format error deep in a library: the same one paragraph
+        failure = user_error(err)
+        if failure is None:
+            raise
+        raise failure from err
     metrics = {"job": cfg.job, **metrics, "wall_s": round(time.perf_counter() - start, 3), "status": "ok"}
     failure = _objective_error(cfg, _numbers(metrics), "wrote to")
     if failure:

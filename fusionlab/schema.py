@@ -27,6 +27,8 @@ from fusionlab.ensemble.config import EnsembleConfig
 from fusionlab.errors import FusionlabError
 from fusionlab.merge.chat_vector import ChatVectorConfig
 from fusionlab.merge.config import MergeConfig
+from fusionlab.merge.lora import ExtractLoraConfig
+from fusionlab.merge.tokenizer import TokenSurgeonConfig
 from fusionlab.metrics.suite import MetricConfig
 from fusionlab.models.generation import GenerationConfig
 from fusionlab.models.loading import ModelSpec
@@ -47,6 +49,7 @@ class RootConfig:
     job: str = "evaluate"  # a key of fusionlab.run.JOBS
     seed: int | None = 42
     objective: str | None = None  # metrics.json key returned to sweepers (Optuna maximises/minimises it)
+    resume_mismatch: str = "refuse"  # refuse | allow: resume a checkpoint whose run had a config that changes results
     paths: PathsConfig = field(default_factory=PathsConfig)
     model: ModelSpec = field(default_factory=ModelSpec)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -59,12 +62,24 @@ class RootConfig:
     fusechat_merge: FuseChatMergeConfig | None = None
     merge: MergeConfig | None = None
     chat_vector: ChatVectorConfig | None = None
+    tokensurgeon: TokenSurgeonConfig | None = None
+    extract_lora: ExtractLoraConfig | None = None
     metric: MetricConfig | None = None
     models: dict[str, ModelSpec] | None = None  # jobs that compare several models (diff_erank)
     trainer: dict[str, Any] | None = None
     callbacks: dict[str, Any] | None = None
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.seed is not None and not 0 <= self.seed <= 2**32 - 1:  # Lightning would pick a random seed instead
+            raise FusionlabError(f"seed={self.seed} must be in [0, 2**32 - 1] (numpy's range), or null for no seeding.")
+        if self.resume_mismatch not in RESUME_MISMATCH:
+            raise FusionlabError(f"resume_mismatch={self.resume_mismatch!r} is not one of {list(RESUME_MISMATCH)}; "
+                                 "refuse (default) stops a resume whose saved config differs, allow resumes anyway.")
+
+
+RESUME_MISMATCH = ("refuse", "allow")
 
 
 # Group options typed by their own dataclass, stored in the ConfigStore as (group, name): the option's
@@ -83,6 +98,11 @@ def validate(cfg: DictConfig) -> RootConfig:
     try:
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
+        missing = _missing_keys(cfg, "")
+        if missing:
+            raise FusionlabError(f"missing required value(s): {', '.join(missing)} (??? in the config); set "
+                                 f"{'each' if len(missing) > 1 else 'it'} on the command line, e.g. "
+                                 f"{missing[0]}=<value>.") from err
         raise FusionlabError(config_error_message(err)) from err
 
 
@@ -104,6 +124,21 @@ def _reject_unknown_keys(node: Any, where: str) -> None:
     elif OmegaConf.is_list(node):
         for i, item in enumerate(node._iter_ex(resolve=False)):
             _reject_unknown_keys(item, f"{where}[{i}]")
+
+
+def _missing_keys(node: Any, where: str) -> list[str]:
+    """The ``???`` values under ``node``, found without resolving interpolations (one may point at a missing value)."""
+    if node is None or not OmegaConf.is_config(node) and not hasattr(node, "_is_missing"):
+        return []
+    if node._is_missing():
+        return [where]
+    if node._is_none() or node._is_interpolation():
+        return []
+    if isinstance(node, DictConfig):
+        return [k for key in node.keys() for k in _missing_keys(node._get_node(key), f"{where}.{key}" if where else str(key))]
+    if OmegaConf.is_list(node):
+        return [k for i in range(len(node)) for k in _missing_keys(node._get_node(i), f"{where}[{i}]")]
+    return []
 
 
 def config_error_message(err: BaseException) -> str:

@@ -1,7 +1,8 @@
 """Experiment tracking for jobs: W&B (offline unless asked) and a flat CSV, closed cleanly.
 
 Every job gets one ``Tracker``; it owns one W&B run, so jobs of a sweep never merge into one
-run (``mode`` is passed per run, never through the process-wide WANDB_MODE).
+run (``mode`` is passed per run, never through the process-wide WANDB_MODE). A job passes the
+run id stored in its output dir (``resume="allow"``), so a re-run or resumed job continues its run.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class Tracker:
     def __init__(self, output_dir: str | os.PathLike, config: dict[str, Any] | None = None, *,
                  use_wandb: bool = True, project: str = "fusionlab", mode: str | None = None,
                  group: str | None = None, name: str | None = None, tags: Iterable[str] = (),
-                 job_type: str | None = None):
+                 job_type: str | None = None, id: str | None = None, resume: str | None = None):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.csv_path = self.output_dir / "log.csv"
@@ -52,7 +53,7 @@ class Tracker:
 
             self.run = wandb.init(project=project, dir=str(self.output_dir), mode=wandb_mode(mode), group=group,
                                   name=name, tags=list(tags), job_type=job_type, config=config or {},
-                                  reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
+                                  id=id, resume=resume, reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}

@@ -7,6 +7,12 @@ assistant tokens. "reference-style" fills a dense [B, L, V] target in Python loo
 target ids on device. Also the Lightning fit (FuseLightningModule + Trainer) tokens/s.
 
     python experiments/distill/bench_train.py --batch 2 --length 256 --steps 3
+
+``--memory TOKENS``: resident memory of the fused training set, loaded whole (every record in RAM, as
+before) vs the lazy memory-mapped ``FusedSet`` read through one epoch of the DataLoader, each in a fresh
+process (M=2 candidates, k=10, the layout ``save_fused`` writes):
+
+    python experiments/distill/bench_train.py --memory 2000000
 """
 from __future__ import annotations
 
@@ -67,7 +73,57 @@ def time_manual(model, batch, loss_kind, steps):
     return float(np.mean(times))
 
 
+def _rss_mb(kind: str = "RssAnon") -> float:
+    """Private (anonymous) resident memory: what each rank pays alone. Pages of a memory-mapped file count as
+    RssFile instead: shared by every rank on the node through the page cache, and dropped under pressure."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(kind + ":")) / 1024
+
+
+def memory_child(path: str, mode: str) -> None:
+    """In a fresh process: RSS before, after loading the fused set, and after reading every record."""
+    from fusionlab.distill.data import FuseDataModule
+    from fusionlab.distill.dist_align import load_fused
+
+    before = _rss_mb()
+    records = load_fused(path, lazy=mode == "lazy")
+    loaded = _rss_mb()
+    dm = FuseDataModule(records, batch_size=4, shuffle=False)
+    n = sum(int(b["attention_mask"].sum()) for b in dm.train_dataloader())
+    print(json.dumps({"mode": mode, "tokens": n, "rss_before_mb": round(before, 1),
+                      "rss_loaded_mb": round(loaded, 1), "rss_after_epoch_mb": round(_rss_mb(), 1),
+                      "rss_file_after_epoch_mb": round(_rss_mb("RssFile"), 1)}))
+
+
+def memory(tokens: int, length: int = 512) -> None:
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from fusionlab.distill.dist_align import save_fused
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "fused.safetensors")
+        save_fused(synthetic_records(tokens // length, length, 49152), path)
+        size = Path(path).stat().st_size
+        print(json.dumps({"tokens": tokens, "file_mb": round(size / 2**20, 1), "file_bytes_per_token": size / tokens}))
+        for mode in ("eager", "lazy"):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", path, mode], capture_output=True,
+                                 text=True, check=True).stdout.strip().splitlines()[-1]
+            r = json.loads(out)
+            r["loaded_bytes_per_token"] = round((r["rss_loaded_mb"] - r["rss_before_mb"]) * 2**20 / tokens, 1)
+            r["epoch_bytes_per_token"] = round((r["rss_after_epoch_mb"] - r["rss_before_mb"]) * 2**20 / tokens, 1)
+            print(json.dumps(r))
+
+
 def main():
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "--memory-child":
+        return memory_child(sys.argv[2], sys.argv[3])
+    if len(sys.argv) > 2 and sys.argv[1] == "--memory":
+        return memory(int(sys.argv[2]))
     import lightning as L
 
     from fusionlab.distill.data import FuseDataModule, collate

@@ -65,7 +65,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--aux-vocab-cutoff", type=int, default=16384, help="0: the full aux vocabulary")
+    ap.add_argument("--aux-vocab-cutoff", type=int, default=0, help="0: the full aux vocabulary (the default)")
     ap.add_argument("--reference-tokens", type=int, default=0,
                     help="run the no-cache loop for this many tokens only (0: --new-tokens); its tok/s is then "
                          "an over-estimate at --new-tokens (its cost per token grows with the context)")

@@ -21,6 +21,7 @@ import torch
 
 from fusionlab.align import align
 from fusionlab.ensemble import EvaDecoder
+from fusionlab.ensemble.decoder import eos_ids
 from fusionlab.models import cache_dir, load_model
 from fusionlab.tasks import load_examples, task_prompts
 
@@ -38,15 +39,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per member")
     ap.add_argument("--gate-threshold", type=float, nargs="+", default=[0.5], help="one gate run per threshold")
-    ap.add_argument("--aux-vocab-cutoff", type=int, default=16384, help="0: the full aux vocabulary")
+    ap.add_argument("--aux-vocab-cutoff", type=int, default=0, help="0: the full aux vocabulary (the default)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    print("load before:", os.getloadavg(), flush=True)
+    print("load before:", os.getloadavg(), os.popen("uptime").read().strip(), flush=True)
     names = ("smollm2_135m", "gemma3_270m")
     members = [load_model({"name": n, "source": "embedded", "path": n, "device": args.device}) for n in names]
+    # the cache entry the ensemble job uses (its key includes the aux model's end-of-turn ids)
     alignment = align(*members[1], *members[0], "vecmap_csls", cache_dir=cache_dir() / "align",
-                      aux_vocab_cutoff=args.aux_vocab_cutoff or None)
+                      aux_vocab_cutoff=args.aux_vocab_cutoff or None, aux_eos_ids=sorted(eos_ids(*members[1])))
     examples = load_examples("addsub", limit=args.batch)
     prompts = [task_prompts("addsub", examples, members[0][1], True), task_prompts("addsub", examples, members[1][1], False)]
     opts = {"threads": args.threads, "topk": 320, "drop": 5}
@@ -58,6 +60,10 @@ def main() -> None:
         "union_parallel": lambda: EvaDecoder(members[0], [members[1]], [alignment], candidates="union", **opts),
         **{f"gate_{t}": (lambda t=t: EvaDecoder(members[0], [members[1]], [alignment], gate="confidence",
                                                 gate_threshold=t, **opts)) for t in args.gate_threshold},
+        # the same gate with members in turn: the aux model runs only at fired steps (lazy catch-up)
+        **{f"gate_{t}_in_turn": (lambda t=t: EvaDecoder(members[0], [members[1]], [alignment], gate="confidence",
+                                                        gate_threshold=t, parallel=False, **opts))
+           for t in args.gate_threshold},
     }
     def prompts_for(name: str):
         return prompts[names.index(name)] if name in names else prompts

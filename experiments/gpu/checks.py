@@ -208,9 +208,12 @@ def distill_command(p: dict[str, Any], tok_dirs: dict[str, Path], device: str, s
             f"distill.sources.source.config={_hydra(source)}", f"distill.sources.source.device={device}",
             f"distill.sources.source.dtype={p['dtype']}", "distill.sources.source.seed=1",
             "distill.sources.source.use_chat_template=false",
+            "distill.mapping.min_vocab_coverage=0",  # random-weight models: their top-k ids are noise
             f"distill.data.limit={_hydra(d['limit'])}", f"distill.data.max_length={d['max_length']}",
             f"distill.batch_size={d['batch_size']}", f"distill.cache_dir={cache}", "distill.export_model=false",
             f"distill.resume={'auto' if resume else 'false'}",
+            # the resume writes its probe to another file: a neutral difference the resume guard would refuse
+            *(["resume_mismatch=allow"] if resume else []),
             *trainer, f"trainer.max_steps={max_steps}", "trainer.max_epochs=-1", "trainer.enable_progress_bar=false",
             "trainer.log_every_n_steps=1", f"callbacks.model_checkpoint.every_n_train_steps={d['steps']}",
             "~callbacks.progress_bar",

@@ -66,6 +66,7 @@ def merge_config(method: str, s: dict[str, str], tool: str = "mergekit") -> dict
             cfg["parameters"] = {**cfg.get("parameters", {}), "tie_break": "index"}
         return cfg
     m = [s["m0"], s["m1"], s["m2"]]
+    n = json.loads((Path(s["base"]) / "config.json").read_text())["num_hidden_layers"]
     dens = [(1.0, 0.5), (0.5, 0.5), (0.5, 0.3)]
     body = {
         "linear": {"models": [{"model": p, "parameters": {"weight": w}} for p, w in zip(m, [1, 1, 0.5])]},
@@ -76,6 +77,16 @@ def merge_config(method: str, s: dict[str, str], tool: str = "mergekit") -> dict
         "breadcrumbs": {"base_model": s["base"], "models": [{"model": p, "parameters": {"weight": w, "density": d, "gamma": 0.01}}
                                                              for p, (w, d) in zip(m, dens)]},
         "sce": {"base_model": s["base"], "parameters": {"select_topk": 0.5}, "models": [{"model": p} for p in m]},
+        # mergekit's newer methods (issue 14)
+        "nuslerp": {"base_model": s["base"], "models": [{"model": p, "parameters": {"weight": w}}
+                                                         for p, w in zip(m[:2], [1, 0.5])]},
+        "multislerp": {"base_model": s["base"], "models": [{"model": p, "parameters": {"weight": w}}
+                                                            for p, w in zip(m, [1, 0.5, 0.5])]},
+        "karcher": {"models": [{"model": p} for p in m]},
+        "nearswap": {"base_model": s["base"], "parameters": {"t": 0.001}, "models": [{"model": m[0]}]},
+        "arcee_fusion": {"base_model": s["base"], "models": [{"model": m[0]}]},
+        "passthrough": {"slices": [{"sources": [{"model": m[0], "layer_range": [0, 2 * n // 3]}]},  # frankenmerge
+                                   {"sources": [{"model": m[1], "layer_range": [n // 3, n]}]}]},
     }[method]
     return {"merge_method": method, "dtype": "float32", **body}
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from fusionlab.align.alignment import Alignment, cache_key, cached, embeddings_hash, output_embeddings
-from fusionlab.align.vecmap import csls_topk, supervised_map
+from fusionlab.align.vecmap import SEARCH_DTYPES, csls_topk, supervised_map, usable_cores
 from fusionlab.align.vocab import (ROLES, nearest_by_edit_distance, seed_dictionary, special_ids, special_roles,
                                    split_seed, token_bytes, tokenizer_hash)
 from fusionlab.errors import FusionlabError
@@ -37,7 +37,7 @@ SEED_MODES = ("normalized", "raw")
 # Arguments of a method that are how to run it, not what it computes: never options, never in the cache key.
 RUNTIME_ARGS = ("progress",)
 # Options that change where or in what blocks a build runs, not its result: not in the cache key.
-EXECUTION_OPTIONS = ("device", "block")
+EXECUTION_OPTIONS = ("device", "block", "search_dtype")
 
 # Value checks of the options, by option name (an option means the same in every method that has it):
 # name -> (test, what the value must be).
@@ -52,6 +52,7 @@ OPTION_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reweight": (lambda v: v >= 0, ">= 0"),
     "dim": (lambda v: v is None or v >= 1, "null (all dims) or >= 1"),
     "block": (lambda v: v >= 1, ">= 1"),
+    "search_dtype": (lambda v: v in SEARCH_DTYPES, f"one of {list(SEARCH_DTYPES)}"),
     "device": (lambda v: v is None or str(v).split(":")[0] in ("cpu", "cuda", "mps"),
                "null (the main model's device), cpu, cuda or cuda:N"),
 }
@@ -66,7 +67,9 @@ class AlignOptions:
     seed_mode: str = "normalized"  # normalized: Ġ/▁/<0x..> reduced to bytes | raw: exact vocab strings (reference)
     holdout: float = 0.1  # share of the seed dictionary held out to report P@1 (not used for fitting)
     seed: int = 0  # of the held-out split
-    aux_vocab_cutoff: int | None = None  # only the first N aux ids (ordered by frequency) get rows; null: all
+    # only the first N aux ids get rows; null: all (the default). Not a frequency cutoff for every tokenizer:
+    # Gemma-3's single characters (digits, space, punctuation) all have ids >= 236,743.
+    aux_vocab_cutoff: int | None = None
     normalize_rows: bool = False  # rows rescaled to sum to one (reference: false, projected mass is not 1)
 
     def __post_init__(self) -> None:
@@ -162,43 +165,53 @@ def _rows_limit(n: int, cutoff: int | None) -> int:
 def vecmap_csls(aux_model, aux_tok, main_model, main_tok, *, seed_mode: str, holdout: float, seed: int,
                 aux_vocab_cutoff: int | None, k: int = 10, neighborhood: int = 1, threshold: float = 0.1,
                 std_filter: list[float] | None = (5, 0.01), whiten: bool = True, reweight: float = 0.5,
-                dim: int | None = None, block: int = 1024, device: str | None = None,
+                dim: int | None = None, block: int = 2048, device: str | None = None, search_dtype: str = "auto",
                 progress: bool = False) -> Alignment:
     """EVA: supervised VecMap on the output embeddings, then CSLS top-k per aux token (ALGORITHMS.md §1).
 
     ``k`` main tokens kept per aux token; CSLS ``neighborhood`` (EVA: 1); scores below ``threshold``
     dropped; ``std_filter`` [n, s] drops rows with > n kept scores whose std <= s; ``dim`` keeps the
     leading mapped dims (VecMap's --dim_reduction). The CSLS passes (two aux_vocab × main_vocab × dim
-    products, the whole cost) run on ``device`` (default: the main model's device, so a GPU builds the
-    full 262k × 49k pair in seconds), ``block`` aux rows at a time.
+    products, the whole cost) run on ``device`` (default: the main model's device), ``block`` aux rows
+    at a time, searching in ``search_dtype`` (auto: bfloat16 where faster) and scoring in float32
+    (:func:`~fusionlab.align.vecmap.csls_topk`): the full 262k × 49k Gemma-3 → SmolLM2 pair takes
+    ~2 min on 2 CPU cores. Main lm_head rows past the main tokenizer (padding) are never targets,
+    aux rows past the aux tokenizer project nowhere. P@1 is measured on held-out pairs of the whole
+    seed dictionary: pairs past a cutoff count as misses.
     """
     x, z = output_embeddings(aux_model).float().cpu(), output_embeddings(main_model).float().cpu()
     device = torch.device(device) if device else output_embeddings(main_model).device
     n_aux, n_main = x.shape[0], z.shape[0]
-    limit = _rows_limit(n_aux, aux_vocab_cutoff)
-    pairs = seed_dictionary(aux_tok, main_tok, seed_mode, n_aux, n_main, aux_limit=limit)
-    train, test = split_seed(pairs, holdout, seed)
+    limit = min(_rows_limit(n_aux, aux_vocab_cutoff), len(aux_tok))
+    pairs = seed_dictionary(aux_tok, main_tok, seed_mode, n_aux, n_main)
+    fit, test = split_seed(pairs, holdout, seed)
+    train = fit[fit[:, 0] < limit]  # a cutoff (VecMap's --vocabulary_cutoff) fits on the pairs inside it
     if train.shape[0] < min(x.shape[1], z.shape[1]):
         log.warning("Only %d seed pairs for %d/%d-dim embeddings: the whitening is rank-deficient",
                     train.shape[0], x.shape[1], z.shape[1])
-    x = x[:limit]  # a vocabulary cutoff (VecMap's --vocabulary_cutoff): ids are ordered by frequency
+    x = x[:limit]
     t0 = time.perf_counter()
     xm, zm = supervised_map(x, z, train[:, 0], train[:, 1], whiten=whiten, reweight=reweight, dim=dim)
     t_map = time.perf_counter() - t0
     aux_special = special_ids(aux_tok)
     rows = torch.tensor([i for i in range(limit) if i not in aux_special], dtype=torch.long)
-    excluded = torch.tensor(sorted(i for i in special_ids(main_tok) if i < n_main), dtype=torch.long)
+    main_special = {i for i in special_ids(main_tok) if i < n_main}
+    excluded = torch.tensor(sorted(main_special | set(range(len(main_tok), n_main))), dtype=torch.long)
     cols, vals, top1 = csls_topk(xm.to(device), zm.to(device), k=k, neighborhood=neighborhood, threshold=threshold,
                                  std_filter=tuple(std_filter) if std_filter else None, excluded_cols=excluded,
-                                 rows=rows, block=block, progress=progress)
-    if limit < n_aux:  # tokens past the cutoff project nowhere
+                                 rows=rows, block=block, search_dtype=search_dtype, progress=progress)
+    if limit < n_aux:  # tokens past the cutoff (or past the aux tokenizer) project nowhere
         cols = torch.cat([cols, torch.full((n_aux - limit, cols.shape[1]), -1, dtype=torch.long)])
         vals = torch.cat([vals, torch.zeros(n_aux - limit, vals.shape[1])])
+        top1 = torch.cat([top1, torch.full((n_aux - limit,), -1, dtype=torch.long)])
     stats = {"seed_pairs": int(pairs.shape[0]), "train_pairs": int(train.shape[0]), "test_pairs": int(test.shape[0]),
              "map_s": round(t_map, 3), "csls_s": round(time.perf_counter() - t0 - t_map, 3),
              "rows_computed": int(len(rows))}
     if test.shape[0]:
         stats["p_at_1"] = float((top1[test[:, 0]] == test[:, 1]).float().mean())
+        inside = test[:, 0] < limit
+        if not bool(inside.all()) and bool(inside.any()):
+            stats["p_at_1_inside_cutoff"] = float((top1[test[inside, 0]] == test[inside, 1]).float().mean())
     return Alignment(cols, vals, n_main, "vecmap_csls", stats)
 
 
@@ -262,6 +275,19 @@ def _map_specials(alignment: Alignment, aux_tok, main_tok, aux_eos_ids=()) -> in
     return len(pairs)
 
 
+def effective_key_params(options: AlignOptions, n_aux: int) -> dict[str, Any]:
+    """The options that determine the content, as the build will use them: defaults filled (the typed
+    options), values that mean the same spelled one way (a cutoff at or past the aux vocabulary is no
+    cutoff; a list and a tuple are the same std filter), so equal builds share one cache file."""
+    params = options.key_params()
+    cutoff = params.get("aux_vocab_cutoff")
+    if cutoff is not None and cutoff >= n_aux:
+        params["aux_vocab_cutoff"] = None
+    if params.get("std_filter") is not None:
+        params["std_filter"] = [float(v) for v in params["std_filter"]]
+    return params
+
+
 def align(aux_model, aux_tok, main_model, main_tok, method: str | AlignOptions = "vecmap_csls", *,
           cache_dir: str | Path | None = None, rebuild: bool = False, aux_eos_ids=(), progress: bool = False,
           **params: Any) -> Alignment:
@@ -269,19 +295,26 @@ def align(aux_model, aux_tok, main_model, main_tok, method: str | AlignOptions =
 
     ``method`` is a method name with its options as keyword arguments, or an :class:`AlignOptions`
     (e.g. the composed ``align_method`` node). The cache key hashes both tokenizers, both output
-    embedding matrices and every option, so a changed model or option never reuses an old file.
+    embedding matrices and every option as the build uses it (:func:`effective_key_params`), so a
+    changed model or option never reuses an old file and equal builds share one. The build runs
+    with torch threads set to the usable cores (the caller's setting is restored).
     """
     options = align_options(method, **params)
     spec = ALIGN_METHODS[options.name]
     n_aux, n_main = _vocab_sizes(aux_model, main_model)
-    key_params = {**options.key_params(), "aux_eos_ids": sorted(int(i) for i in aux_eos_ids)}
+    key_params = {**effective_key_params(options, n_aux), "aux_eos_ids": sorted(int(i) for i in aux_eos_ids)}
     key = cache_key(options.name, key_params, tokenizer_hash(aux_tok), tokenizer_hash(main_tok),
                     embeddings_hash(aux_model), embeddings_hash(main_model))
 
     def build() -> Alignment:
         start = time.perf_counter()
         runtime = {"progress": progress} if "progress" in spec.runtime else {}
-        result = spec.fn(aux_model, aux_tok, main_model, main_tok, **options.method_params(), **runtime)
+        saved_threads = torch.get_num_threads()
+        torch.set_num_threads(usable_cores())  # a build is the only work in flight: all the cores it may use
+        try:
+            result = spec.fn(aux_model, aux_tok, main_model, main_tok, **options.method_params(), **runtime)
+        finally:
+            torch.set_num_threads(saved_threads)
         n_special = _map_specials(result, aux_tok, main_tok, aux_eos_ids)
         if options.normalize_rows:
             result = result.normalized()

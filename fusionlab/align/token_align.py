@@ -73,7 +73,9 @@ class TokenAlignment:
     """Per pivot position, the aligned source positions (CSR) and the one usable for distributions.
 
     ``matched[i]`` is the source position whose distribution stands in for pivot position i
-    (spans end at the same character, or a 1-1 DTW pair when ``one_to_one``), else -1.
+    (spans end at the same character, or, with ``one_to_one``, a 1-1 DTW pair of the same token
+    string ending at the same character, e.g. the byte tokens of a character both split alike), else -1. A 1-1 pair that ends elsewhere (pivot
+    ``" L"`` vs source ``" Light"``) predicts different text (``ightly`` vs ``ly``): never used.
     """
 
     indptr: np.ndarray  # [Lp + 1]
@@ -131,10 +133,12 @@ def align_tokens(pivot_offsets: np.ndarray, source_offsets: np.ndarray, pivot_st
         i_prev, j_prev = i + 1, j + 1
     if i_prev < lp and j_prev < ls:  # unanchored tail (e.g. texts truncated differently)
         run_segment(i_prev, lp, j_prev, ls)
-    if one_to_one:
+    if one_to_one:  # as the reference: a 1-1 pair of the same token (same string, ending at the same character)
         for i in range(lp):
-            if not exact[i] and len(lists[i]) == 1 and src_degree[lists[i][0]] == 1:
-                matched[i] = lists[i][0]
+            j = lists[i][0] if len(lists[i]) == 1 else -1
+            if not exact[i] and j >= 0 and src_degree[j] == 1 and pe[i] == se[j] \
+                    and pivot_strings[i] == source_strings[j]:
+                matched[i] = j
     indptr = np.zeros(lp + 1, dtype=np.int64)
     indptr[1:] = np.cumsum([len(x) for x in lists])
     indices = np.fromiter((j for x in lists for j in x), dtype=np.int64, count=int(indptr[-1]))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -149,7 +148,9 @@ class MergeCallback(EvalCallback):
         root = self._root(trainer)
         root.mkdir(parents=True, exist_ok=True)
         out = root / f"step{trainer.global_step:06d}"
-        export = Path(tempfile.mkdtemp(prefix=".trained-", dir=root))
+        from fusionlab.io import scratch_dir
+
+        export = scratch_dir(root, "trained")  # a killed run's export is removed by the next one
         was_training = self._model(pl_module).training
         try:
             self._export(pl_module, export)

@@ -13,12 +13,15 @@ from typing import Any
 
 from fusionlab.align.mapping import MappingConfig
 from fusionlab.distill.conversations import SHIPPED_CONVERSATIONS, find_conversations
+from fusionlab.distill.evaluation import EvalConfig
 from fusionlab.distill.loss import check_loss_options
 from fusionlab.errors import FusionlabError
-from fusionlab.merge.derive import PerplexityEval
+from fusionlab.distill.implicit import FUSION_KINDS, ImplicitConfig
+from fusionlab.merge.derive import DeriveSpec, PerplexityEval
 from fusionlab.models import ModelSpec
 
 NO_RESUME = ("false", "none", "null", "")
+BASELINES = (None, "clm")
 AUTO_RESUME = ("auto", "last", "true")
 
 
@@ -32,15 +35,34 @@ def _at_least(where: str, value: int | None, low: int, optional: bool = False) -
 @dataclass
 class DataConfig:
     path: str = SHIPPED_CONVERSATIONS  # a jsonl of conversations; relative: to the cwd, else to the fusionlab checkout
-    limit: int | None = None  # first N conversations
+    heldout: int = 64  # conversations never trained on, scored at the end of every fit (seeded draw of the file)
+    heldout_seed: int = 0  # the draw of the held-out conversations (independent of the training seed)
+    dev_size: int = 0  # conversations drawn after the held-out ones as a dev slice: never trained on either
+    dev: bool = False  # score the dev slice instead of the held-out set (to choose settings; needs dev_size > 0)
+    start: int = 0  # training conversations [start, start + limit) (after the held-out ones are removed)
+    limit: int | None = None  # N training conversations
     max_length: int = 512  # pivot tokens per sample (the text is cut, so every model sees the same characters)
     val_size: int = 0  # first N fused samples held out for val/loss
 
     def __post_init__(self) -> None:
+        from fusionlab.distill.conversations import count_conversations
+
         find_conversations(self.path)
+        _at_least("distill.data.heldout", self.heldout, 1)
+        _at_least("distill.data.dev_size", self.dev_size, 1 if self.dev else 0)
+        _at_least("distill.data.start", self.start, 0)
         _at_least("distill.data.limit", self.limit, 1, optional=True)
         _at_least("distill.data.max_length", self.max_length, 2)
         _at_least("distill.data.val_size", self.val_size, 0)
+        n = count_conversations(self.path)
+        if n - self.heldout - self.dev_size <= self.start:
+            raise FusionlabError(f"distill.data.heldout={self.heldout}, dev_size={self.dev_size} and start="
+                                 f"{self.start} leave no training conversation of the {n} in {self.path}; lower "
+                                 "them or use a bigger file.")
+
+    def train_slice(self, conversations: list) -> list:
+        """The training conversations this config selects (``start``, ``limit``) of those left after the split."""
+        return conversations[self.start:self.start + self.limit if self.limit else None]
 
 
 @dataclass
@@ -67,6 +89,11 @@ class DistillConfig:
     gradient_checkpointing: bool = False
     resume: str | None = "auto"  # auto: <output_dir>/checkpoints/last.ckpt if present | false | a .ckpt path
     export_model: bool = True  # save_pretrained the trained pivot to <output_dir>/model
+    baseline: str | None = None  # clm: also train a CLM-only twin (same data, steps, seed, optimizer; lam=1)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out scoring of pivot, fused model and baseline
+    mode: str = "explicit"  # explicit: distil the sources' distributions | implicit: FuseChat-3.0 (sample, SFT, DPO)
+    implicit: ImplicitConfig = field(default_factory=ImplicitConfig)  # settings of mode=implicit
+    derive: dict[str, DeriveSpec] = field(default_factory=dict)  # name -> fine-tune of the pivot; a source path derived:<name>
 
     def __post_init__(self) -> None:
         if isinstance(self.pivot, dict):
@@ -77,10 +104,20 @@ class DistillConfig:
         if not self.sources:
             raise FusionlabError("distill.sources is empty; add at least one source model, e.g. "
                                  "'+model@distill.sources.gemma3_270m=gemma3_270m'.")
+        if self.mode not in FUSION_KINDS:
+            raise FusionlabError(f"Unknown distill.mode {self.mode!r}; use one of {list(FUSION_KINDS)}.")
+        for name, spec in self.sources.items():  # a derived source must be defined here
+            ref = (spec.path or "").removeprefix("derived:")
+            if spec.path and spec.path.startswith("derived:") and ref not in self.derive:
+                raise FusionlabError(f"distill.sources.{name}.path={spec.path!r} names no distill.derive entry "
+                                     f"(defined: {sorted(self.derive)}).")
         if self.pairwise_source is not None and self.pairwise_source not in self.sources:
             raise FusionlabError(f"distill.pairwise_source={self.pairwise_source!r} is not one of the sources "
                                  f"{sorted(self.sources)}.")
         check_loss_options(self.lam, self.temperature, self.loss_type, self.fusion_mode)
+        if self.baseline not in BASELINES:
+            raise FusionlabError(f"distill.baseline={self.baseline!r} is not a baseline; use one of {list(BASELINES)} "
+                                 "(clm: a CLM-only twin trained on the same data, steps, seed and optimizer).")
         for key in ("topk", "shard_size", "extract_batch_size", "batch_size"):
             _at_least(f"distill.{key}", getattr(self, key), 1)
         _at_least("distill.num_workers", self.num_workers, 0)
@@ -104,13 +141,13 @@ class DistillConfig:
 class PairwiseTarget:
     """One FuseChat pairwise fusion target: the distill pipeline on some rows, with some settings changed."""
 
-    rows: list[int] | None = None  # [start, stop] of distill.data.path (null: all of it)
+    rows: list[int] | None = None  # [start, stop] of the training conversations (after the held-out split; null: all)
     distill: dict[str, Any] = field(default_factory=dict)  # distill settings of this target, e.g. {pairwise_source: x}
 
     def __post_init__(self) -> None:
         if self.rows is not None and not (1 <= len(self.rows) <= 2 and all(r >= 0 for r in self.rows)):
             raise FusionlabError(f"fusechat_merge.pairwise.*.rows={list(self.rows)} must be [start, stop] "
-                                 "(row numbers >= 0 of distill.data.path) or null.")
+                                 "(numbers >= 0 of the training conversations) or null.")
 
 
 @dataclass

@@ -11,11 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fusionlab.errors import FusionlabError
 from fusionlab.io import read_jsonl
 
-# The conversations shipped inside the package (64, ShareGPT format; source and license in its README.md).
-SHIPPED_CONVERSATIONS = "fusionlab/data/chat/fusechat_mini.jsonl"
+# The conversations shipped inside the package (500 Alpaca-GPT4 records, ShareGPT format; source and
+# license, CC BY-NC 4.0, in fusionlab/data/chat/README.md).
+SHIPPED_CONVERSATIONS = "fusionlab/data/chat/alpaca_gpt4_500.jsonl"
 _CHECKOUT = Path(__file__).resolve().parents[2]  # the dir holding the fusionlab package
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -53,8 +56,34 @@ def load_conversations(path: str | Path, limit: int | None = None) -> list[dict[
             if role not in ROLE_ALIASES:
                 raise FusionlabError(f"Line {n + 1} of {path}: unknown role {role!r}; use one of {sorted(ROLE_ALIASES)}.")
             messages.append({"role": ROLE_ALIASES[role], "content": t.get("content", t.get("value", ""))})
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            raise FusionlabError(f"Line {n + 1} of {path} (id {row.get('id', n)!r}) has no assistant turn with text: "
+                                 "there is nothing to train or evaluate on; drop it or add the reply.")
         out.append({"id": str(row.get("id", n)), "messages": messages})
     return out
+
+
+def count_conversations(path: str | Path) -> int:
+    """Non-empty lines of a conversation file (cheap: config checks run it before anything loads)."""
+    with open(find_conversations(path), encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def split_conversations(conversations: list[dict[str, Any]], heldout: int, seed: int = 0,
+                        dev_size: int = 0) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(train, held-out, dev): ``heldout`` conversations drawn by a seeded permutation of the WHOLE file, so
+    the held-out set is the same whatever ``limit``/``start`` select for training (every pairwise target of
+    ``fusechat_merge`` is scored on the same conversations); then ``dev_size`` more drawn from the rest, the
+    dev slice on which settings are chosen. Neither is ever trained on; all three keep file order.
+    """
+    if not 1 <= heldout < len(conversations) - dev_size or dev_size < 0:
+        raise FusionlabError(f"distill.data.heldout={heldout} and dev_size={dev_size} must leave training "
+                             f"conversations out of {len(conversations)}: use heldout >= 1, dev_size >= 0 and "
+                             f"heldout + dev_size < {len(conversations)}.")
+    order = np.random.default_rng(seed).permutation(len(conversations)).tolist()
+    held, dev = set(order[:heldout]), set(order[heldout:heldout + dev_size])
+    pick = lambda keep: [c for i, c in enumerate(conversations) if keep(i)]  # noqa: E731
+    return pick(lambda i: i not in held and i not in dev), pick(held.__contains__), pick(dev.__contains__)
 
 
 def render(tokenizer, messages: list[dict[str, str]], include_eot: bool = True) -> tuple[str, list[tuple[int, int]]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import lightning as L
 import numpy as np
@@ -19,7 +19,7 @@ from fusionlab.errors import FusionlabError
 
 
 class FuseDataset(Dataset):
-    def __init__(self, records: list[dict[str, Any]]):
+    def __init__(self, records: Sequence[dict[str, Any]]):
         self.records = records
 
     def __len__(self) -> int:
@@ -68,6 +68,7 @@ class SeededShuffle(Sampler[int]):
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.epoch, self.consumed, self.skip = 0, 0, 0
+        self.skip_epoch = 0  # the epoch `skip` belongs to: a checkpoint at an epoch's end resumes at the next one
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
         self.epoch = epoch
@@ -86,7 +87,7 @@ class SeededShuffle(Sampler[int]):
         world, rank = self._world()
         if world > 1:
             order = (order + order[: (-len(order)) % world])[rank::world]
-        skip, self.skip = self.skip, 0
+        skip, self.skip = (self.skip if self.epoch == self.skip_epoch else 0), 0
         self.consumed = skip
         return iter(order[skip:])
 
@@ -103,26 +104,28 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.sampler.epoch, self.sampler.skip = int(state["epoch"]), int(state["consumed"])
+        self.sampler.skip_epoch = self.sampler.epoch
 
 
 class FuseDataModule(L.LightningDataModule):
-    """Train/val loaders over fused records (a list, or a path written by ``save_fused``)."""
+    """Train/val loaders over fused records (a list, a lazy ``FusedSet``, or a path written by ``save_fused``)."""
 
-    def __init__(self, records: list[dict[str, Any]] | str | os.PathLike, batch_size: int = 2, val_size: int = 0,
+    def __init__(self, records: Sequence[dict[str, Any]] | str | os.PathLike, batch_size: int = 2, val_size: int = 0,
                  seed: int = 0, shuffle: bool = True, num_workers: int = 0, pad_id: int = 0,
                  candidates: list[int] | None = None):
         super().__init__()
-        if not isinstance(records, list):
-            from fusionlab.distill.dist_align import load_fused
+        from fusionlab.distill.dist_align import FusedSet, load_fused
 
-            records = load_fused(records)
+        if isinstance(records, (str, os.PathLike)):
+            records = load_fused(records)  # lazy: memory-mapped, one record read per item
         if len(records) == 0:
             raise FusionlabError("The fused training set is empty: every sample was dropped (NaN or no assistant "
                                  "tokens); check the conversation data.")
         if val_size >= len(records):
             raise FusionlabError(f"distill.data.val_size={val_size} leaves no training samples out of {len(records)}.")
         if candidates is not None:  # which of the M target distributions to keep (None = all)
-            records = keep_candidates(records, candidates)
+            records = records.with_candidates(candidates) if isinstance(records, FusedSet) else \
+                keep_candidates(records, candidates)
         self.val = FuseDataset(records[:val_size]) if val_size else None
         self.train = FuseDataset(records[val_size:])
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle

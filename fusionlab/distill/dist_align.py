@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Sequence
 
 import numpy as np
 
 from fusionlab.align.mapping import build_vocab_map, count_coalignments
-from fusionlab.align.token_align import align_tokens
+from fusionlab.align.token_align import TokenAlignment, align_tokens
 from fusionlab.align.vocab import strip_marker
 from fusionlab.errors import FusionlabError
 from fusionlab.io import atomic_path, atomic_write_text
@@ -59,6 +60,18 @@ def align_distribution(pivot_ids: np.ndarray, matched: np.ndarray, source_topk_i
     return ids, logits, int(onehot.sum())
 
 
+def identity_alignment(pivot_ids: np.ndarray, source_ids: np.ndarray) -> TokenAlignment | None:
+    """Position i ↔ i when a same-vocabulary source tokenised the text exactly as the pivot (after an
+    optional leading BOS the source added); None when the token lists differ (then DTW decides)."""
+    shift = len(source_ids) - len(pivot_ids)
+    if shift not in (0, 1) or not np.array_equal(source_ids[shift:], pivot_ids):
+        return None
+    n = len(pivot_ids)
+    pos = np.arange(n, dtype=np.int64) + shift
+    return TokenAlignment(indptr=np.arange(n + 1, dtype=np.int64), indices=pos, matched=pos,
+                          exact=np.ones(n, dtype=bool))
+
+
 def _pad_k(a: np.ndarray, k: int, fill) -> np.ndarray:
     if a.shape[1] >= k:
         return a[:, :k]
@@ -68,7 +81,8 @@ def _pad_k(a: np.ndarray, k: int, fill) -> np.ndarray:
 def build_fused_dataset(pivot: dict[str, dict], sources: list[dict[str, dict]], pivot_surfaces: list[str],
                         source_surfaces: list[list[str]], *, method: str = "ms", k: int = 10,
                         substring_weight: float = 0.1, one_to_one: bool = True,
-                        min_exact_rate: float = 0.2, names: list[str] | None = None) -> tuple[list[dict], dict[str, Any]]:
+                        min_exact_rate: float = 0.2, names: list[str] | None = None,
+                        pivot_specials: Collection[int] = ()) -> tuple[list[dict], dict[str, Any]]:
     """Fused training records (pivot = model 0, then each source) and alignment statistics."""
     names = names or [f"source{m}" for m in range(len(sources))]
     ids = [sid for sid in pivot if all(sid in s for s in sources)]
@@ -79,14 +93,18 @@ def build_fused_dataset(pivot: dict[str, dict], sources: list[dict[str, dict]], 
     piv_strings = {sid: [strip_marker(pivot_surfaces[t]) for t in pivot[sid]["input_ids"]] for sid in ids}
     per_source = []
     for m, (src, surf) in enumerate(zip(sources, source_surfaces)):
-        aligns, pairs, n_exact, n_tok = {}, [], 0, 0
+        same_vocab = list(surf) == list(pivot_surfaces)  # e.g. a fine-tuned variant of the pivot
+        aligns, pairs, n_exact, n_tok, n_identity = {}, [], 0, 0, 0
         for sid in ids:
             p, s = pivot[sid], src[sid]
             if len(s["input_ids"]) and int(s["input_ids"].max()) >= len(surf):
                 raise FusionlabError(f"Source {names[m]!r} has token ids beyond its tokenizer ({len(surf)}); "
                                      "its representations were made with another tokenizer.")
-            a = align_tokens(p["offsets"], s["offsets"], piv_strings[sid],
-                             [strip_marker(surf[t]) for t in s["input_ids"]], substring_weight, one_to_one)
+            a = identity_alignment(p["input_ids"], s["input_ids"]) if same_vocab else None
+            n_identity += a is not None
+            if a is None:
+                a = align_tokens(p["offsets"], s["offsets"], piv_strings[sid],
+                                 [strip_marker(surf[t]) for t in s["input_ids"]], substring_weight, one_to_one)
             aligns[sid] = a
             pi, sj = a.pairs()
             pairs.append((s["input_ids"][sj], p["input_ids"][pi]))
@@ -98,12 +116,18 @@ def build_fused_dataset(pivot: dict[str, dict], sources: list[dict[str, dict]], 
                 f"Source {names[m]!r} cannot be aligned to the pivot: only {exact_rate:.1%} of pivot tokens end "
                 f"where a source token ends (need ≥ {min_exact_rate:.0%}). Its tokenizer must give character "
                 "offsets of the same text (a fast tokenizer); check that it is the right tokenizer for the model.")
-        counts = count_coalignments(pairs) if method == "ms" else None
         used = np.unique(np.concatenate([src[sid]["topk_ids"].ravel() for sid in ids]))
-        vmap = build_vocab_map(method, used, surf, pivot_surfaces, counts=counts, substring_weight=substring_weight)
+        if same_vocab:  # the exact identity map: no vocabulary alignment to learn
+            vmap = np.arange(len(surf), dtype=np.int64)
+        else:
+            counts = count_coalignments(pairs) if method == "ms" else None
+            vmap = build_vocab_map(method, used, surf, pivot_surfaces, counts=counts,
+                                   substring_weight=substring_weight, pivot_specials=pivot_specials)
         coverage = float((vmap[used] >= 0).mean()) if len(used) else 0.0
         stats[f"{names[m]}/exact_rate"] = round(exact_rate, 4)
         stats[f"{names[m]}/vocab_coverage"] = round(coverage, 4)
+        stats[f"{names[m]}/same_vocab"] = same_vocab
+        stats[f"{names[m]}/identity_rate"] = round(n_identity / len(ids), 4)  # samples aligned position by position
         per_source.append((aligns, vmap))
     records = []
     onehots = [0] * len(sources)
@@ -147,7 +171,81 @@ def save_fused(records: list[dict], path: str | os.PathLike) -> None:
     atomic_write_text(Path(str(path) + ".json"), json.dumps([r["id"] for r in records]))
 
 
-def load_fused(path: str | os.PathLike) -> list[dict]:
+ST_NUMPY = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32, "U8": np.uint8,
+            "BOOL": np.bool_, "F64": np.float64, "I16": np.int16, "I8": np.int8}
+
+
+def memmap_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only ``np.memmap`` (the OS pages in what is read)."""
+    path = str(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        dtype, shape = ST_NUMPY[info["dtype"]], tuple(info["shape"])
+        out[name] = (np.memmap(path, dtype=dtype, mode="r", offset=8 + n + a, shape=shape) if b > a
+                     else np.zeros(shape, dtype=dtype))
+    return out
+
+
+class FusedSet(Sequence):
+    """The fused training set of :func:`save_fused`, read lazily: a record is sliced out of the memory-mapped
+    file when the loader asks for it, so a rank never holds the whole set in RAM (only ``lengths``, ``ce``
+    and the ids are read up front). Indexing with a slice gives a view of the same file; ``candidates``
+    keeps only some of the M target distributions (sliced per record)."""
+
+    def __init__(self, path: str | os.PathLike, candidates: list[int] | None = None,
+                 index: np.ndarray | None = None):
+        self.path, self.candidates = str(path), candidates
+        self._t: dict[str, np.ndarray] | None = None
+        self.ids = json.loads(Path(self.path + ".json").read_text())
+        t = self._tensors()
+        self.bounds = np.concatenate([[0], np.cumsum(np.asarray(t["lengths"]))])
+        self.index = np.arange(len(self.ids)) if index is None else np.asarray(index)
+
+    def _tensors(self) -> dict[str, np.ndarray]:
+        if self._t is None:  # opened in the process that reads (DataLoader workers open their own maps)
+            self._t = memmap_safetensors(self.path)
+        return self._t
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_t": None}
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return FusedSet.__new__(FusedSet)._view(self, self.index[i])
+        n = int(self.index[i])
+        t = self._tensors()
+        a, b = self.bounds[n], self.bounds[n + 1]
+        keep = slice(None) if self.candidates is None else self.candidates
+        return {"id": self.ids[n], "input_ids": np.asarray(t["input_ids"][a:b], dtype=np.int64),
+                "assistant": np.asarray(t["assistant"][a:b], dtype=bool),
+                "target_ids": np.asarray(t["target_ids"][:, a:b], dtype=np.int64)[keep],
+                "target_logits": np.asarray(t["target_logits"][:, a:b], dtype=np.float32)[keep],
+                "ce": np.asarray(t["ce"][n], dtype=np.float32)[keep]}
+
+    def _view(self, parent: "FusedSet", index: np.ndarray) -> "FusedSet":
+        self.__dict__.update(parent.__getstate__())
+        self.index = index
+        return self
+
+    def with_candidates(self, candidates: list[int] | None) -> "FusedSet":
+        view = FusedSet.__new__(FusedSet)._view(self, self.index)
+        view.candidates = candidates
+        return view
+
+
+def load_fused(path: str | os.PathLike, lazy: bool = True) -> FusedSet | list[dict]:
+    """The fused set at ``path``: a lazy :class:`FusedSet` (default), or every record in memory."""
+    if lazy:
+        return FusedSet(path)
     from safetensors.numpy import load_file
 
     t = load_file(str(path))

@@ -49,7 +49,7 @@ class FuseLightningModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: Callable[..., Any] | None = None, lam: float = 0.9, temperature: float = 1.0,
                  loss_type: str = "ce", fusion_mode: str = "min_ce", lora: dict[str, Any] | None = None,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, log_prefix: str = ""):
         super().__init__()
         check_loss_options(lam, temperature, loss_type, fusion_mode)
         if gradient_checkpointing:
@@ -69,20 +69,35 @@ class FuseLightningModule(L.LightningModule):
         self.lam, self.temperature, self.loss_type, self.fusion_mode = lam, temperature, loss_type, fusion_mode
         self.fingerprint = model_fingerprint(model)
         self.tokens_seen = 0
-        self.step_seconds = 0.0  # time inside training batches (forward, backward, optimizer), no checkpoint I/O
-        self._t0 = 0.0
+        self.step_seconds = 0.0  # forward + backward + optimizer step only: no callback, checkpoint or logger time
+        self._t0, self._t_done = 0.0, None
+        self.log_prefix = log_prefix  # e.g. "baseline/": the CLM twin logs beside the fused run
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
 
     def _step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if self.lam == 1.0:  # plain CLM (the baseline twin): the fusion term weighs 0, so it is not computed
+            labels = batch["labels"][:, 1:]
+            clm = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
+                                                    ignore_index=-100)
+            return {"loss": clm, "clm": clm, "fusion": torch.zeros_like(clm), "tokens": (labels != -100).sum()}
         return fusion_loss(logits, batch["labels"], batch["target_ids"], batch["target_logits"], batch["ce"],
                            lam=self.lam, temperature=self.temperature, mode=self.fusion_mode, loss_type=self.loss_type)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._t0 = time.perf_counter()
+        self._t0, self._t_done = time.perf_counter(), None
+
+    def on_after_backward(self) -> None:
+        self._t_done = time.perf_counter()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self._t_done = time.perf_counter()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.step_seconds += time.perf_counter() - self._t0
+        # the callbacks' batch-end hooks (checkpoint saving, evaluations) ran before this one: excluded
+        if self._t_done is not None:
+            self.step_seconds += self._t_done - self._t0
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._step(batch)
@@ -91,14 +106,16 @@ class FuseLightningModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if hasattr(dm, "mark_consumed"):
             dm.mark_consumed(bs)
-        self.log_dict({"train/loss": out["loss"], "train/clm": out["clm"], "train/fusion": out["fusion"]},
-                      prog_bar=True, batch_size=bs, sync_dist=False)
+        p = self.log_prefix
+        self.log_dict({f"{p}train/loss": out["loss"], f"{p}train/clm": out["clm"], f"{p}train/fusion": out["fusion"]},
+                      prog_bar=True, batch_size=bs, sync_dist=True)  # under DDP: the mean over ranks, not rank 0's
         return out["loss"]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self._step(batch)
         bs = batch["input_ids"].shape[0]
-        self.log_dict({"val/loss": out["loss"], "val/clm": out["clm"], "val/fusion": out["fusion"]},
+        p = self.log_prefix
+        self.log_dict({f"{p}val/loss": out["loss"], f"{p}val/clm": out["clm"], f"{p}val/fusion": out["fusion"]},
                       batch_size=bs, sync_dist=True)
 
     def configure_optimizers(self):

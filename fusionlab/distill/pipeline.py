@@ -29,6 +29,10 @@ from fusionlab.models import ModelSpec
 
 log = logging.getLogger(__name__)
 
+# Part of every fused-set cache key: bump it when the alignment code changes what it writes (2: MS exact
+# match first and no pivot special targets, 1-1 pairs only of the same token; issue 12).
+ALIGNMENT_VERSION = 2
+
 
 def _plain(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
@@ -47,6 +51,9 @@ class FusedData:
     pivot_tokenizer: Any
     source_names: list[str]
     metrics: dict[str, Any]  # repr/*, align/*, time/*
+    heldout: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # rendered texts never trained on
+    split: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # {"train": ids, "heldout": ids}
+    trained_model: Any = None  # set by fit(): the trained pivot (a peft model under LoRA)
 
 
 def _representations(spec: ModelSpec, texts: list[dict], out_dir: Path, dc: DistillConfig, *, add_bos: bool,
@@ -78,20 +85,71 @@ def _repr_metrics(name: str, stats: dict[str, int]) -> dict[str, int]:
             f"repr/{name}_dropped_no_assistant": stats["dropped_no_assistant"]}
 
 
+def split_name(dc: DistillConfig) -> str:
+    return "dev" if dc.data.dev else "heldout"
+
+
+def scored_texts(dc: DistillConfig, pivot_tokenizer, conversations: list[dict] | None = None
+                 ) -> tuple[list[dict[str, Any]], int]:
+    """The conversations a run is scored on (held-out, or the dev slice with ``data.dev``) rendered and cut as
+    the training texts, minus those whose reply starts after the cut; and how many were dropped so."""
+    from fusionlab.distill.conversations import load_conversations, split_conversations
+    from fusionlab.distill.representations import prepare_texts
+
+    if conversations is None:
+        _, heldout, dev = split_conversations(load_conversations(dc.data.path), dc.data.heldout,
+                                              dc.data.heldout_seed, dc.data.dev_size)
+        conversations = dev if dc.data.dev else heldout
+    conversations = conversations[:dc.eval.limit]  # held-out order is file order: a fixed subset
+    texts = [t for t in prepare_texts(pivot_tokenizer, conversations, dc.data.max_length) if t["spans"]]
+    if not texts:
+        raise FusionlabError(f"None of the {len(conversations)} {split_name(dc)} conversations has assistant text "
+                             f"within distill.data.max_length={dc.data.max_length} pivot tokens; raise max_length.")
+    return texts, len(conversations) - len(texts)
+
+
+def score_checkpoints(dc: DistillConfig, checkpoints: dict[str, str | Path], seed: int = 0,
+                      differences: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Held-out CE / perplexity (and the task of ``dc.eval``) of HF checkpoint dirs that share the pivot's
+    tokenizer — FuseChat's table: the pivot, every pairwise target and their merge, on the SAME conversations
+    and examples, with intervals and the paired ``differences`` [(a, b): a − b]."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fusionlab.distill.evaluation import HeldoutScores
+    from fusionlab.models import load_tokenizer
+
+    tok = load_tokenizer(dc.pivot)
+    texts, dropped = scored_texts(dc, tok)
+    scores = HeldoutScores(split_name(dc), differences=differences)
+    for name, path in checkpoints.items():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        scores.score(name, model, tok, texts, dc.eval, dc.pivot.use_chat_template, seed)
+        del model
+        gc.collect()
+    return {**scores.metrics(seed), f"{split_name(dc)}/dropped_no_assistant": dropped}
+
+
 def prepare(dc: DistillConfig) -> FusedData:
     """Conversations in the pivot's template → representations of every model → targets aligned to the pivot."""
     from fusionlab.align import token_surfaces
-    from fusionlab.distill.conversations import dataset_fingerprint, load_conversations
+    from fusionlab.align.vocab import special_ids
+    from fusionlab.distill.conversations import dataset_fingerprint, load_conversations, split_conversations
     from fusionlab.distill.dist_align import build_fused_dataset, load_fused, save_fused
-    from fusionlab.distill.representations import load_representations, prepare_texts
+    from fusionlab.distill.representations import load_representations, prepare_texts, resolve_derived_sources
     from fusionlab.io import write_json
     from fusionlab.models import cache_dir, load_model, load_tokenizer
 
+    dc = resolve_derived_sources(dc)  # derived:<name> sources → their fine-tuned checkpoints
     metrics: dict[str, Any] = {}
     t0 = time.perf_counter()
-    convs = load_conversations(dc.data.path, dc.data.limit)
+    train, heldout, dev = split_conversations(load_conversations(dc.data.path), dc.data.heldout,
+                                              dc.data.heldout_seed, dc.data.dev_size)
+    convs = dc.data.train_slice(train)
     pivot_model, pivot_tok = load_model(dc.pivot)
     texts = prepare_texts(pivot_tok, convs, dc.data.max_length)
+    heldout_texts, dropped = scored_texts(dc, pivot_tok, dev if dc.data.dev else heldout)
+    metrics[f"{split_name(dc)}/dropped_no_assistant"] = dropped
     data_fp = dataset_fingerprint(texts)
     key = _hash({"pivot": dc.pivot, "data": data_fp, "topk": dc.topk, "max_length": dc.data.max_length,
                  "bos": dc.source_add_bos})
@@ -110,7 +168,8 @@ def prepare(dc: DistillConfig) -> FusedData:
 
     t0 = time.perf_counter()
     m = dc.mapping
-    fused_path = root / f"fused-{_hash([m, [(n, _hash(dc.sources[n])) for n in names], dc.topk])}.safetensors"
+    key = [m, [(n, _hash(dc.sources[n])) for n in names], dc.topk, ALIGNMENT_VERSION]
+    fused_path = root / f"fused-{_hash(key)}.safetensors"
     stats_path = Path(str(fused_path) + ".stats.json")
     if fused_path.is_file() and stats_path.is_file():
         records, astats = load_fused(fused_path), json.loads(stats_path.read_text())
@@ -120,20 +179,33 @@ def prepare(dc: DistillConfig) -> FusedData:
         records, astats = build_fused_dataset(load_representations(root / "pivot"), sources, token_surfaces(pivot_tok),
                                               src_surfaces, method=m.method, k=dc.topk,
                                               substring_weight=m.substring_weight, one_to_one=m.one_to_one,
-                                              min_exact_rate=m.min_exact_rate, names=names)
+                                              min_exact_rate=m.min_exact_rate, names=names,
+                                              pivot_specials=special_ids(pivot_tok))
         save_fused(records, fused_path)
+        records = load_fused(fused_path)  # the lazy memory-mapped view: no rank keeps the whole set in RAM
         write_json(stats_path, astats)
+    for name in names:  # a source whose top-k barely maps into the pivot vocabulary would train on one-hots only
+        coverage = astats.get(f"{name}/vocab_coverage")
+        if coverage is not None and not astats.get(f"{name}/same_vocab") and coverage < m.min_vocab_coverage:
+            raise FusionlabError(f"Source {name!r} cannot be aligned to the pivot's vocabulary: only {coverage:.1%} of "
+                                 f"its top-{dc.topk} token ids map to a pivot token with distill/mapping={m.method} "
+                                 f"(distill.mapping.min_vocab_coverage={m.min_vocab_coverage}); try "
+                                 "distill/mapping=mined, or check that its tokenizer is the model's.")
     metrics.update({f"align/{k}": v for k, v in astats.items()})
     metrics["time/alignment_s"] = round(time.perf_counter() - t0, 2)
-    return FusedData(records, pivot_model, pivot_tok, names, metrics)
+    split = {"train": [c["id"] for c in convs], "heldout": [c["id"] for c in heldout], "dev": [c["id"] for c in dev]}
+    return FusedData(records, pivot_model, pivot_tok, names, metrics, heldout_texts, split)
 
 
 def fit(dc: DistillConfig, data: FusedData, trainer, output_dir: Path, *, optimizer: Callable | None = None,
-        scheduler: Callable | None = None, seed: int = 0) -> dict[str, Any]:
+        scheduler: Callable | None = None, seed: int = 0, log_prefix: str = "",
+        finish_wandb: bool = True) -> dict[str, Any]:
     """Train the pivot on the fused data with ``trainer`` (resuming per ``dc.resume``), then export it.
 
     Returns ``final/*`` (the trainer's last logged values and those of checkpoint-time evaluation
-    callbacks, i.e. callbacks with a ``last_metrics`` dict), ``fit/*`` and the output paths.
+    callbacks, i.e. callbacks with a ``last_metrics`` dict), ``fit/*`` and the output paths; the trained
+    model is left in ``data.trained_model``. ``log_prefix`` names the logged curves (the CLM twin's are
+    ``baseline/train/…``); ``finish_wandb=False`` keeps the W&B run open for what the caller logs next.
     """
     import torch
 
@@ -148,30 +220,34 @@ def fit(dc: DistillConfig, data: FusedData, trainer, output_dir: Path, *, optimi
                                 num_workers=dc.num_workers, pad_id=pad, candidates=candidates)
     module = FuseLightningModule(data.pivot_model.train(), optimizer=optimizer, scheduler=scheduler, lam=dc.lam,
                                  temperature=dc.temperature, loss_type=dc.loss_type, fusion_mode=dc.fusion_mode,
-                                 lora=dc.lora, gradient_checkpointing=dc.gradient_checkpointing)
+                                 lora=dc.lora, gradient_checkpointing=dc.gradient_checkpointing,
+                                 log_prefix=log_prefix)
     module.tokenizer = tok  # for callbacks (EVA eval, merge, Diff-eRank) that need to decode
     module.pivot_spec = dc.pivot
     ckpt = dc.resume_checkpoint(output_dir)
     if ckpt:
         log.info("Resuming from %s", ckpt)
+    from fusionlab.distill.strategy import configure_wrap_policy
+
+    configure_wrap_policy(trainer, module.model)  # FSDP: wrap the pivot's own decoder-layer class
     t0 = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     finally:
-        if trainer.is_global_zero and any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
-            import wandb
-
-            wandb.finish()
+        if finish_wandb:
+            _finish_wandb(trainer)
     fit_s = time.perf_counter() - t0
+    data.trained_model = module.model
     world = trainer.world_size
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if hasattr(v, "item") and v.numel() == 1}
     for cb in trainer.callbacks:  # checkpoint-time evaluations (EVA eval, Diff-eRank, merge): their latest values
         final.update({k: float(v) for k, v in (getattr(cb, "last_metrics", None) or {}).items()
                       if isinstance(v, (int, float))})
-    metrics: dict[str, Any] = {f"final/{k.replace('/', '_')}": round(v, 6) for k, v in final.items()}
+    final = {k.removeprefix(log_prefix): v for k, v in final.items() if k.startswith(log_prefix)}
+    metrics: dict[str, Any] = {f"final/{k.replace('/', '_')}": v for k, v in final.items()}
     metrics.update({"fit/steps": int(trainer.global_step), "fit/seconds": round(fit_s, 2),
-                    "fit/tokens": int(module.tokens_seen) * world,
-                    "fit/tokens_per_s": round(module.tokens_seen * world / max(module.step_seconds, 1e-9), 2),
+                    "fit/step_seconds": module.step_seconds, "fit/tokens": int(module.tokens_seen) * world,
+                    "fit/tokens_per_s": module.tokens_seen * world / max(module.step_seconds, 1e-9),
                     "fit/world_size": world, "fit/resumed": bool(ckpt)})
     last = Path(output_dir) / "checkpoints" / "last.ckpt"
     if last.exists():
@@ -184,17 +260,94 @@ def fit(dc: DistillConfig, data: FusedData, trainer, output_dir: Path, *, optimi
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)
         metrics["model_dir"] = str(Path(output_dir) / "model")
-    elif sharded:
-        log.info("Sharded strategy: the model is in the Lightning checkpoint; convert it with the strategy's tools.")
+    elif sharded and dc.export_model:  # gathered from every rank (all take part), written by rank 0
+        from fusionlab.distill.strategy import export_consolidated
+
+        if export_consolidated(trainer, module, module.model, tok, Path(output_dir) / "model"):
+            metrics["model_dir"] = str(Path(output_dir) / "model")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return metrics
 
 
-def distill(dc: DistillConfig, make_trainer: Callable[[], Any], output_dir: Path, **fit_kwargs: Any) -> dict[str, Any]:
-    """The whole pipeline into ``output_dir``; the trainer is made only once the fused data is ready."""
+def _finish_wandb(trainer) -> None:
+    if trainer.is_global_zero and any(type(lg).__name__ == "WandbLogger" for lg in trainer.loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def _is_rank_zero() -> bool:
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def run_settings(dc: DistillConfig, fit_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """What a run's numbers depend on, for the W&B config: models, data, loss, alignment, optimizer."""
+    opt = fit_kwargs.get("optimizer")
+    return {"pivot": dc.pivot.name, "sources": {n: s.name for n, s in dc.sources.items()},
+            "data": dataclasses.asdict(dc.data), "mapping": dataclasses.asdict(dc.mapping), "lam": dc.lam,
+            "temperature": dc.temperature, "loss_type": dc.loss_type, "fusion_mode": dc.fusion_mode,
+            "topk": dc.topk, "batch_size": dc.batch_size, "baseline": dc.baseline, "seed": fit_kwargs.get("seed"),
+            "optimizer": getattr(opt, "func", type(opt)).__name__ if opt is not None else "AdamW",
+            **{f"optimizer/{k}": v for k, v in (getattr(opt, "keywords", None) or {}).items()}}
+
+
+def distill(dc: DistillConfig, make_trainer: Callable[[Path], Any], output_dir: Path, **fit_kwargs: Any) -> dict[str, Any]:
+    """The whole pipeline into ``output_dir``: fused data → the untouched pivot scored on the held-out
+    conversations → fit → the fused model scored → (``dc.baseline == "clm"``) the CLM twin trained from a
+    fresh pivot on the same records, seed, optimizer and steps with λ = 1 in ``<output_dir>/baseline_clm``,
+    scored on the same conversations → intervals and paired differences (:mod:`fusionlab.distill.evaluation`).
+
+    ``make_trainer(dir)`` builds a Lightning Trainer writing under ``dir``, called once the fused data is
+    ready. Everything numeric also goes to the trainers' loggers (W&B gets the run settings too).
+    """
+    from fusionlab.distill.evaluation import HeldoutScores
+    from fusionlab.io import write_json
+    from fusionlab.models import load_model
+
+    output_dir = Path(output_dir)
     data = prepare(dc)
-    return {**data.metrics, **fit(dc, data, make_trainer(), output_dir, **fit_kwargs)}
+    if _is_rank_zero():
+        write_json(output_dir / "split.json", data.split)
+    seed = int(fit_kwargs.get("seed") or 0)
+    scores = HeldoutScores(split_name(dc))
+    chat = dc.pivot.use_chat_template
+    t0 = time.perf_counter()
+    if _is_rank_zero():
+        scores.score("pivot", data.pivot_model, data.pivot_tokenizer, data.heldout, dc.eval, chat, seed)
+    eval_s = time.perf_counter() - t0
+    trainer = main_trainer = make_trainer(output_dir)
+    metrics = {**data.metrics, **fit(dc, data, trainer, output_dir, finish_wandb=False, **fit_kwargs)}
+    t0 = time.perf_counter()
+    if trainer.is_global_zero:
+        scores.score("fused", data.trained_model, data.pivot_tokenizer, data.heldout, dc.eval, chat, seed)
+    eval_s += time.perf_counter() - t0
+    if dc.baseline == "clm":
+        twin_dc = dataclasses.replace(dc, lam=1.0)
+        fresh, _ = load_model(dc.pivot)
+        twin = FusedData(data.records, fresh, data.pivot_tokenizer, data.source_names, {})
+        data.trained_model = data.pivot_model = None  # the fused model is scored: free it before the twin trains
+        gc.collect()
+        out = output_dir / "baseline_clm"
+        trainer = make_trainer(out)
+        twin_metrics = fit(twin_dc, twin, trainer, out, log_prefix="baseline/", finish_wandb=False, **fit_kwargs)
+        metrics.update({f"baseline/{k}": v for k, v in twin_metrics.items()})
+        t0 = time.perf_counter()
+        if trainer.is_global_zero:
+            scores.score("clm", twin.trained_model, data.pivot_tokenizer, data.heldout, dc.eval, chat, seed)
+        eval_s += time.perf_counter() - t0
+        metrics["fit/overhead_vs_clm"] = twin_metrics["fit/tokens_per_s"] / metrics["fit/tokens_per_s"] - 1.0
+    metrics.update(scores.metrics(seed))
+    metrics["time/eval_s"] = round(eval_s, 2)
+    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for lg in main_trainer.loggers:  # every align/, repr/, fit/, held-out number and the settings, in one place
+        lg.log_hyperparams(run_settings(dc, fit_kwargs))
+        lg.log_metrics(numbers, step=int(main_trainer.global_step))
+        lg.save()
+    _finish_wandb(main_trainer)
+    return metrics
 
 
 # ------------------------------------------------------------------------------------- FuseChat targets
@@ -213,12 +366,10 @@ def with_settings(config: Any, settings: dict[str, Any], where: str) -> Any:
 
 
 def target_config(dc: DistillConfig, name: str, target: PairwiseTarget, out: Path) -> DistillConfig:
-    """The distill settings of pairwise target ``name``: ``target.distill`` applied, its rows of the data
-    written to ``<out>/conversations.jsonl``, a cache sub dir when ``cache_dir`` is explicit (one data set
-    per cache dir), and the model always exported (it is what gets merged)."""
-    from fusionlab.distill.conversations import find_conversations
-    from fusionlab.io import read_jsonl, write_jsonl
-
+    """The distill settings of pairwise target ``name``: ``target.distill`` applied, its rows of the training
+    conversations (``data.start``/``data.limit``: the held-out split stays the same for every target), a
+    cache sub dir when ``cache_dir`` is explicit (one data set per cache dir), and the model always
+    exported (it is what gets merged)."""
     where = f"fusechat_merge.pairwise.{name}.distill"
     tc = with_settings(dc, {**target.distill, "export_model": True}, where)
     changes: dict[str, Any] = {}
@@ -226,12 +377,10 @@ def target_config(dc: DistillConfig, name: str, target: PairwiseTarget, out: Pat
         changes["cache_dir"] = str(Path(tc.cache_dir) / name)
     if target.rows is not None:
         start, stop = (list(target.rows) + [None])[:2]
-        rows = read_jsonl(find_conversations(tc.data.path))[start:stop]
-        if not rows:
-            raise FusionlabError(f"fusechat_merge.pairwise.{name}.rows={list(target.rows)} selects no conversation "
-                                 f"of {tc.data.path}.")
-        write_jsonl(out / "conversations.jsonl", rows)
-        changes["data"] = dataclasses.replace(tc.data, path=str(out / "conversations.jsonl"), limit=None)
+        if stop is not None and stop <= start:
+            raise FusionlabError(f"fusechat_merge.pairwise.{name}.rows={list(target.rows)} selects no conversation; "
+                                 "give [start, stop] with stop > start.")
+        changes["data"] = dataclasses.replace(tc.data, start=start, limit=None if stop is None else stop - start)
     return dataclasses.replace(tc, **changes)
 
 
@@ -252,7 +401,7 @@ def pairwise_targets(dc: DistillConfig, pairwise: dict[str, PairwiseTarget], out
         if (model_dir / "config.json").exists():
             log.info("Pairwise target %s exists (%s): reused", name, model_dir)
         else:
-            m = distill(tc, lambda: make_trainer(out), out, **fit_kwargs)
+            m = distill(tc, make_trainer, out, **fit_kwargs)
             metrics.update({f"pairwise/{name}/{k}": v for k, v in m.items() if isinstance(v, (int, float, bool))})
             if not (model_dir / "config.json").exists():
                 raise FusionlabError(f"The distillation of pairwise target {name!r} wrote no model at {model_dir} "

@@ -191,3 +191,20 @@ def load_representations(out_dir: str | os.PathLike) -> dict[str, dict[str, Any]
                             "assistant": t["assistant"][a:b].astype(bool), "topk_ids": t["topk_ids"][a:b],
                             "topk_logits": t["topk_logits"][a:b].astype(np.float32), "ce": float(t["ce"][n])}
     return samples
+
+
+def resolve_derived_sources(dc):
+    """``dc`` with every ``derived:<name>`` source path replaced by its fine-tuned checkpoint dir
+    (:func:`fusionlab.merge.derive.derive_models` from the pivot's checkpoint, cached by all its inputs), so a
+    source can be a variant of the pivot (same vocabulary: aligned by identity, no vocabulary mapping)."""
+    import dataclasses
+
+    from fusionlab.merge.derive import derive_models
+    from fusionlab.models.resolve import DERIVED_PREFIX
+
+    wanted = {n: s for n, s in dc.sources.items() if (s.path or "").startswith(DERIVED_PREFIX)}
+    if not wanted:
+        return dc
+    dirs = derive_models({n: dc.derive[s.path.removeprefix(DERIVED_PREFIX)] for n, s in wanted.items()}, dc.pivot.path)
+    sources = {n: dataclasses.replace(s, path=dirs[n]) if n in wanted else s for n, s in dc.sources.items()}
+    return dataclasses.replace(dc, sources=sources)

@@ -18,6 +18,7 @@ from fusionlab.errors import FusionlabError
 from fusionlab.models.loading import ModelSpec
 
 SYNC_MODES = ("auto", "text")
+WEIGHT_SOURCES = ("dev_score",)  # ensemble.weights_from: where linear_sum weights come from besides `weights`
 
 
 def _choice(key: str, value: str, registry) -> None:
@@ -111,9 +112,25 @@ class EnsembleConfig(DecodingOptions):
     cache_dir: str | None = None  # alignment cache; None: $FUSIONLAB_CACHE/align
     rebuild_alignment: bool = False
     bootstrap_samples: int = 10000  # paired-bootstrap resamples for the ensemble − best member interval
+    warmup: int = 8  # compatibility check: demonstration-free dev examples per member before ensembling; 0: off
+    weights_from: str | None = None  # dev_score: linear_sum weights from each member's accuracy on dev examples
+    dev_examples: int = 16  # dev examples (with the run's demonstrations) that weights_from=dev_score scores
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.warmup < 0:
+            raise FusionlabError(f"ensemble.warmup={self.warmup} must be >= 0 (0 switches the compatibility "
+                                 "check's warm-up off).")
+        if self.weights_from is not None:
+            if self.weights_from not in WEIGHT_SOURCES:
+                raise FusionlabError(f"ensemble.weights_from={self.weights_from!r} is not one of "
+                                     f"{list(WEIGHT_SOURCES)} (or null for ensemble.weights).")
+            if self.combiner != "linear_sum" or self.weights is not None:
+                raise FusionlabError(f"ensemble.weights_from={self.weights_from!r} sets the linear_sum weights: use "
+                                     f"it with ensemble.combiner=linear_sum and ensemble.weights=null (got combiner="
+                                     f"{self.combiner!r}, weights={self.weights}).")
+            if self.dev_examples < 1:
+                raise FusionlabError(f"ensemble.dev_examples={self.dev_examples} must be >= 1 to score the members.")
         if not self.aux:
             raise FusionlabError("ensemble.aux is empty: add at least one aux model, e.g. "
                                  "'+model@ensemble.aux.gemma3_270m=gemma3_270m'.")

@@ -175,6 +175,67 @@ class _Stream:
         return logits
 
 
+class _Background:
+    """An aux stream kept up to date on a worker thread while the main model decodes.
+
+    With a gate that reads only the main model, most steps need no aux distribution, yet the aux
+    model must have seen every token by the next step that does. The decoding thread queues the
+    stream's updates (rollback / push / select) here; the worker applies them at the start of its
+    next forward, so only the worker touches the stream while a forward is in flight. :meth:`start`
+    hands the queue to the worker unless it is still busy (a step that does not fire never waits);
+    :meth:`logits` returns the distribution after everything queued, waiting for the worker and
+    finishing the rest itself. A fired step then costs the aux model's lag behind the main model,
+    not a whole aux forward after the main one; the same tokens reach the same cache either way.
+    """
+
+    def __init__(self, stream: _Stream, pool: ThreadPoolExecutor):
+        self.stream, self.pool = stream, pool
+        self.ops: list[tuple[str, tuple]] = []  # queued, not yet applied to the stream
+        self.future = None
+        self.latest: torch.Tensor | None = None  # the logits once everything handed over so far is applied
+        self.background_forwards = 0
+
+    def rollback(self, row: int, n: int) -> None:
+        if n > 0:
+            self.ops.append(("rollback", (row, n)))
+
+    def push(self, row: int, ids: Sequence[int]) -> None:
+        if ids:
+            self.ops.append(("push", (row, list(ids))))
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.ops.append(("select", (rows,)))
+
+    def _run(self, ops: list[tuple[str, tuple]]) -> torch.Tensor:
+        for name, args in ops:
+            getattr(self.stream, name)(*args)
+        return self.stream.logits_on_own_stream()
+
+    def _collect(self) -> None:
+        if self.future is not None:
+            self.latest, self.future = self.future.result(), None
+
+    def start(self) -> None:
+        """Hand the queued updates to the worker, unless it is still busy with earlier ones."""
+        if self.future is not None and self.future.done():
+            self._collect()
+        if self.future is None and (self.ops or self.latest is None):
+            ops, self.ops, self.latest = self.ops, [], None
+            self.future = self.pool.submit(self._run, ops)
+            self.background_forwards += 1
+
+    def logits(self) -> torch.Tensor:
+        """Next-token logits after every queued update."""
+        self._collect()
+        if self.ops or self.latest is None:
+            ops, self.ops = self.ops, []
+            self.latest = self._run(ops)
+        return self.latest
+
+    def finish(self) -> None:
+        self._collect()
+
+
 @dataclass
 class EnsembleOutput:
     texts: list[str]
@@ -215,8 +276,10 @@ class EvaDecoder:
     ``main`` and each of ``aux`` are ``(model, tokenizer)``; ``alignments[i]`` projects aux i's
     vocabulary onto the main one. Options: a :class:`~fusionlab.ensemble.config.DecodingOptions`
     (``options=``) or its fields as keywords. Each step runs the members concurrently (one thread
-    each, ``threads`` torch threads per member; CUDA members on their own streams), so a step costs
-    about the slowest member, not their sum.
+    each, ``threads`` torch threads per member, by default the cores divided among them; CUDA members
+    on their own streams), so a step costs about the slowest member, not their sum. Under a gate
+    that reads only the main model, parallel aux members catch up in the background and a step waits
+    for them only where it fires; in turn (``parallel=False``) they run only at fired steps.
     """
 
     def __init__(self, main, aux=(), alignments: Sequence[Alignment] = (), options: DecodingOptions | None = None,
@@ -264,7 +327,9 @@ class EvaDecoder:
         threads, saved_threads = self.threads, torch.get_num_threads()
         parallel = self.options.parallel and n_models > 1
         torch.set_num_threads(threads)
-        pool = ThreadPoolExecutor(n_models, initializer=torch.set_num_threads, initargs=(threads,)) if parallel else None
+        # the aux members' workers (the main model runs on this thread)
+        pool = (ThreadPoolExecutor(n_models - 1, initializer=torch.set_num_threads, initargs=(threads,))
+                if parallel else None)
         try:
             return self._generate(prompts, max_new_tokens, stop, progress, pool)
         finally:
@@ -273,10 +338,12 @@ class EvaDecoder:
             torch.set_num_threads(saved_threads)
 
     def _forward(self, streams: Sequence[_Stream], pool: ThreadPoolExecutor | None) -> list[torch.Tensor]:
-        """Next-token logits of each stream; concurrently when there is a pool and more than one stream."""
+        """Next-token logits of each stream; concurrently when there is a pool and more than one stream
+        (the first on the calling thread: one hand-off fewer per step)."""
         if pool is None or len(streams) < 2:
             return [s.logits_on_own_stream() for s in streams]
-        return [f.result() for f in [pool.submit(s.logits_on_own_stream) for s in streams]]
+        others = [pool.submit(s.logits_on_own_stream) for s in streams[1:]]
+        return [streams[0].logits_on_own_stream(), *[f.result() for f in others]]
 
     def _generate(self, prompts, max_new_tokens, stop, progress, pool) -> EnsembleOutput:
         opts = self.options
@@ -287,6 +354,10 @@ class EvaDecoder:
                    for (m, t), ps in zip(members, prompts)]
         syncs = [[None if self.passthrough[i] else TextSync(t, opts.window) for _ in range(batch)]
                  for i, (_, t) in enumerate(self.aux)]
+        # a gate that reads only the main model decides before any aux distribution is needed: with parallel
+        # members the aux models then catch up in the background and a step waits for them only when it fires
+        background = self.gate_mode == "main" and pool is not None
+        aux_streams = [_Background(s, pool) for s in streams[1:]] if background else streams[1:]
         gen_ids: list[list[int]] = [[] for _ in range(batch)]
         gen_text = [b"" for _ in range(batch)]
         finished_text: list[str | None] = [None] * batch
@@ -300,22 +371,24 @@ class EvaDecoder:
         rollbacks = 0
         stop_tail = max((len(s) for s in stop), default=0) * 4 + 64  # bytes of text that can hold a stop string
         for _ in tqdm(range(max_new_tokens), desc="eva", disable=not progress, leave=False):
-            aux_logits, fire = None, None
-            # a gate that reads only the main model decides before the aux models run, except at the first step
-            # of parallel members: the aux prompts' prefill then overlaps the main model's instead of waiting
-            main_first = self.gate_mode == "main" and not (pool is not None and counts["steps"] == 0)
+            aux_logits, fire, main_top = None, None, None
             if n_models == 1:
                 main_logits = streams[0].logits()
-            elif main_first:  # skip the aux forwards if no row fires (they catch up when next needed)
+            elif self.gate_mode == "main":  # aux distributions only at steps where a row fires
+                if background:
+                    for s in aux_streams:
+                        s.start()
                 main_logits = streams[0].logits()
-                fire = self.gate(main_probs=topk_probs(main_logits, opts.topk)[0], **self.gate_kwargs)
-                if bool(fire.any()):
-                    aux_logits = self._forward(streams[1:], pool)
+                main_top = topk_probs(main_logits, opts.topk)
+                fire = self.gate(main_probs=main_top[0], **self.gate_kwargs)
+                # in turn, the skipped tokens are fed now, in one forward; in the background the first step's
+                # aux prefill overlaps the main one's and is always used (the unmapped mass is then measured
+                # even where the gate never fires)
+                if bool(fire.any()) or (background and counts["steps"] == 0):
+                    aux_logits = [s.logits() for s in aux_streams]
             else:
                 main_logits, *aux_logits = self._forward(streams, pool)
-                if self.gate_mode == "main":
-                    fire = self.gate(main_probs=topk_probs(main_logits, opts.topk)[0], **self.gate_kwargs)
-            p, ids = topk_probs(main_logits, opts.topk)
+            p, ids = main_top if main_top is not None else topk_probs(main_logits, opts.topk)
             combined = dense(p, ids, self.main_vocab)  # the main model alone
             counts["steps"] += 1
             counts["row_steps"] += len(active)
@@ -353,7 +426,7 @@ class EvaDecoder:
                 gen_ids[row].append(tok)
                 gen_text[row] += self.main_bytes[tok] or b""
                 streams[0].push(b, [tok])
-                for i, stream in enumerate(streams[1:]):
+                for i, stream in enumerate(aux_streams):
                     if syncs[i][row] is None:
                         stream.push(b, [tok])
                     else:
@@ -372,13 +445,17 @@ class EvaDecoder:
                 active = [active[b] for b in live.tolist()]
                 if not active:
                     break
-                for s in streams:
+                for s in (streams[0], *aux_streams):
                     s.select(live)
         texts = []
         for row in range(batch):
             text = finished_text[row] if finished_text[row] is not None else gen_text[row].decode("utf-8", "replace")
             cut = min((text.find(s) for s in stop if s in text), default=-1)
             texts.append(text if cut < 0 else text[:cut])
+        if background:  # a catch-up still in flight is part of this call's time and forward_tokens
+            for s in aux_streams:
+                s.finish()
+            counts["aux_background_forwards"] = sum(s.background_forwards for s in aux_streams)
         seconds = time.perf_counter() - start
         new_tokens = [len(g) + (1 if finished_text[r] is not None and len(g) < max_new_tokens else 0)
                       for r, g in enumerate(gen_ids)]

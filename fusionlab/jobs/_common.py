@@ -1,13 +1,28 @@
-"""What every job shares: typed config nodes, its tracker and loggers, its trainer, its task inputs."""
+"""What every job shares: typed config nodes, its tracker and loggers, its trainer, its task inputs, and
+the check that a resumed run is the same run."""
 from __future__ import annotations
 
+import json
+import logging
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fusionlab.errors import FusionlabError
+from fusionlab.io import atomic_write_text, read_json, write_json
 from fusionlab.models import ModelSpec
 from fusionlab.tracking import Tracker, is_multirun, sweep_group_name, wandb_mode
+
+log = logging.getLogger(__name__)
+
+RUN_STATE = ".fusionlab"  # <output_dir>/.fusionlab/: the resolved config a resume is compared with, the W&B run id
+# Keys that may differ between a run and its resume without changing what it computes: where things go,
+# how they are logged, how long to train on, and the resume settings themselves.
+RESUME_NEUTRAL = ("paths", "logger", "objective", "resume_mismatch", "distill.resume", "trainer.max_steps",
+                  "trainer.max_epochs", "trainer.max_time", "trainer.enable_progress_bar", "trainer.log_every_n_steps")
 
 
 def to_dict(node: Any) -> Any:
@@ -34,27 +49,44 @@ def multirun_sweep_dir() -> Path | None:
     return Path(str(hydra.sweep.dir)) if is_multirun(hydra) else None
 
 
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    """The whole resolved config of a job as plain Python (Hydra's own node is not ours to log)."""
+    return {k: to_dict(v) for k, v in cfg.items() if k != "hydra"}
+
+
+def wandb_run_id(output_dir: Path) -> str:
+    """The W&B run id of the job writing ``output_dir``: made once, stored there, so that a resumed or
+    re-run job continues its run instead of leaving an unfinished one beside a new one."""
+    path = Path(output_dir) / RUN_STATE / "wandb_id"
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
 def _wandb_run(cfg: DictConfig, output_dir: Path, wandb: Any) -> dict[str, Any]:
-    """The W&B run options of a job: mode resolved, a sweep's jobs grouped together, a readable name."""
+    """The W&B run of a job: mode resolved, a sweep's jobs grouped together, a readable name, the job type and
+    tags, the full resolved config, and a stable id (continued on resume)."""
     sweep = multirun_sweep_dir()
     return {"mode": wandb_mode(wandb.get("mode")),
             "group": wandb.get("group") or (sweep_group_name(cfg.job, sweep) if sweep else None),
-            "name": wandb.get("name") or f"{cfg.job}-{output_dir.name}"}
+            "name": wandb.get("name") or f"{cfg.job}-{output_dir.name}",
+            "job_type": str(cfg.job), "tags": [*(wandb.get("tags") or []), str(cfg.job)],
+            "config": resolved_config(cfg), "id": wandb_run_id(output_dir), "resume": "allow"}
 
 
 def make_tracker(cfg: DictConfig, output_dir: Path) -> Tracker:
     """One Tracker (W&B run + CSV) for a job, configured by ``cfg.logger``."""
     wb = (cfg.get("logger") or {}).get("wandb")
-    resolved = {k: to_dict(v) for k, v in cfg.items() if k != "hydra"}  # hydra's own node is not ours to log
     if wb is None:
-        return Tracker(output_dir, resolved, use_wandb=False)
-    return Tracker(output_dir, resolved, use_wandb=True, project=wb.get("project", "fusionlab"),
-                   tags=[*(wb.get("tags") or []), str(cfg.job)], job_type=str(cfg.job),
-                   **_wandb_run(cfg, output_dir, wb))
+        return Tracker(output_dir, resolved_config(cfg), use_wandb=False)
+    run = _wandb_run(cfg, output_dir, wb)
+    return Tracker(output_dir, run.pop("config"), use_wandb=True, project=wb.get("project", "fusionlab"), **run)
 
 
 def lightning_loggers(cfg: DictConfig, output_dir: Path) -> list:
-    """Instantiate ``cfg.logger``'s Lightning loggers, resolving W&B's mode and sweep group."""
+    """Instantiate ``cfg.logger``'s Lightning loggers; W&B's gets the same run identity as :func:`make_tracker`."""
     from hydra.utils import instantiate
 
     loggers = []
@@ -64,6 +96,49 @@ def lightning_loggers(cfg: DictConfig, output_dir: Path) -> list:
             node.update(_wandb_run(cfg, output_dir, node))
         loggers.append(instantiate(node))
     return loggers
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out if out or not prefix else {prefix: {}}
+    return {prefix: tree}
+
+
+def _neutral(key: str) -> bool:
+    return any(key == n or key.startswith(n + ".") for n in RESUME_NEUTRAL)
+
+
+def check_resume(cfg: DictConfig, output_dir: Path, checkpoint: str | None) -> None:
+    """Refuse to resume ``checkpoint`` under a config that changes results (naming the keys), unless
+    ``resume_mismatch=allow``; then record this run's resolved config for the next resume.
+
+    The record is ``<run dir>/.fusionlab/config.json`` of the run that wrote the checkpoint (its
+    ``checkpoints/`` parent); Hydra's ``.hydra/config.yaml`` cannot serve, it is rewritten at every start.
+    """
+    current = json.loads(json.dumps(resolved_config(cfg), default=str))
+    if checkpoint:
+        ckpt = Path(checkpoint)
+        record = next((d / RUN_STATE / "config.json" for d in (ckpt.parent.parent, ckpt.parent)
+                       if (d / RUN_STATE / "config.json").is_file()), None)
+        if record is None:
+            log.warning("Resuming %s: its run recorded no config, so it cannot be checked against this one.", ckpt)
+        else:
+            saved, now = _flat(read_json(record, "saved run config")), _flat(current)
+            changed = sorted(k for k in saved.keys() | now.keys() if not _neutral(k) and saved.get(k) != now.get(k))
+            if changed:
+                shown = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+                more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+                if str(cfg.get("resume_mismatch", "refuse")) != "allow":
+                    raise FusionlabError(
+                        f"will not resume {str(ckpt)!r}: it was trained with a different config — {shown}{more}. "
+                        "Resuming would continue those weights under these settings and record the mix as this "
+                        "run. Use a new output dir (or distill.resume=false to start over here), or set "
+                        "resume_mismatch=allow to resume anyway.")
+                log.warning("Resuming %s although the config changed (resume_mismatch=allow): %s%s", ckpt, shown, more)
+    write_json(Path(output_dir) / RUN_STATE / "config.json", current)
 
 
 def lightning_trainer(cfg: DictConfig, output_dir: Path):
@@ -90,11 +165,7 @@ def lightning_trainer(cfg: DictConfig, output_dir: Path):
 def task_inputs(cfg: DictConfig):
     """(task definition, evaluated examples, few-shot demonstrations) from ``cfg.task``; the task's data is
     read once for both, and a demonstration is never an evaluated example."""
-    from fusionlab.tasks import TaskConfig, few_shot_examples, get_task, load_examples, select_examples
+    from fusionlab.tasks import task_inputs as select
 
-    t: TaskConfig = OmegaConf.to_object(cfg.task)
-    task = get_task(t.name)
-    everything = load_examples(task, path=t.path)
-    examples = select_examples(everything, t.limit, t.seed, t.shuffle)
-    shots = few_shot_examples(task, t.n_shot, seed=t.seed, exclude={ex["id"] for ex in examples}, pool=everything)
-    return task, examples, shots
+    inputs = select(OmegaConf.to_object(cfg.task))
+    return inputs.task, inputs.examples, inputs.shots

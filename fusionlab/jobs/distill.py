@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fusionlab.jobs._common import lightning_trainer
+from fusionlab.jobs._common import check_resume, lightning_trainer
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -24,7 +24,16 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     from fusionlab.distill.pipeline import distill
 
     dc = OmegaConf.to_object(cfg.distill)
-    return distill(dc, lambda: lightning_trainer(cfg, output_dir), output_dir,
-                   optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
-                   scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-                   seed=int(cfg.seed or 0))
+    from fusionlab.distill.strategy import check_strategy_devices
+
+    check_strategy_devices(OmegaConf.select(cfg, "trainer.strategy._target_"),  # before any model loads
+                           OmegaConf.select(cfg, "trainer.accelerator"))
+    check_resume(cfg, output_dir, dc.resume_checkpoint(output_dir))  # never continue another config's weights
+    fit_kwargs = dict(optimizer=instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
+                      scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+                      seed=int(cfg.seed or 0))
+    if dc.mode == "implicit":  # FuseChat-3.0: sample, score, SFT, DPO/WRPO (fusionlab.distill.implicit)
+        from fusionlab.distill.implicit import implicit_fusion
+
+        return implicit_fusion(dc, lambda out: lightning_trainer(cfg, out), output_dir, **fit_kwargs)
+    return distill(dc, lambda out: lightning_trainer(cfg, out), output_dir, **fit_kwargs)

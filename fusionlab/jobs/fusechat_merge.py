@@ -12,8 +12,11 @@ one command:
 2. the merge: ``merge.method`` (sce by default, ``merge_method=<name>``) with ``base`` = the pivot
    checkpoint, written to ``<output_dir>/merged`` (fp32 by default: a few distillation steps move the
    weights by less than a bf16 ulp);
-3. perplexity of the pivot, every target and the merge on held-out shipped texts (``fusechat_merge.eval``,
-   as the merge job's ``eval``) → ``ppl/<set>/<model>``, ``ppl_mean/<model>`` in metrics.json.
+3. FuseChat's table: the pivot, every target and the merge scored on the distill run's held-out
+   conversations (assistant-token CE and perplexity with 95% intervals, paired ``merged − pivot``,
+   ``merged − <target>`` and ``<target> − pivot`` differences, and the task of ``distill.eval``)
+   → ``heldout/…`` (:func:`fusionlab.distill.pipeline.score_checkpoints`); and, when
+   ``fusechat_merge.eval`` is set, plain-text perplexity as the merge job's ``eval`` → ``ppl/…``.
 """
 from __future__ import annotations
 
@@ -33,19 +36,24 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     from hydra.utils import instantiate
 
-    from fusionlab.distill.pipeline import pairwise_targets, pivot_checkpoint
+    from fusionlab.distill.pipeline import pairwise_targets, pivot_checkpoint, score_checkpoints
     from fusionlab.merge import InputModel, MergeConfig, merge, plan
 
     if cfg.get("merge") is None:
         raise FusionlabError("job=fusechat_merge needs merge: (method, parameters); start from +experiment=fusechat_merge.")
     fm = OmegaConf.to_object(cfg.fusechat_merge)
+    from fusionlab.distill.strategy import check_strategy_devices
+
+    check_strategy_devices(OmegaConf.select(cfg, "trainer.strategy._target_"),  # before any model loads
+                           OmegaConf.select(cfg, "trainer.accelerator"))
+    dc = OmegaConf.to_object(cfg.distill)
     targets = {(p.parent.name if p.name == "model" else p.name): str(p) for p in map(Path, fm.targets or [])}
     metrics: dict[str, Any] = {}
     if not targets:
         fit_kwargs = {"optimizer": instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
                       "scheduler": instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
                       "seed": int(cfg.seed or 0)}
-        targets, metrics = pairwise_targets(OmegaConf.to_object(cfg.distill), fm.pairwise, output_dir / "pairwise",
+        targets, metrics = pairwise_targets(dc, fm.pairwise, output_dir / "pairwise",
                                             lambda out: lightning_trainer(cfg, out), **fit_kwargs)
     if len(targets) < 2:
         log.warning("Only %d fusion target(s): SCE of one target against the pivot is that target.", len(targets))
@@ -58,7 +66,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     planned = plan(mc)  # config errors before a tracker or any output exists
     with make_tracker(cfg, output_dir) as tr:
         metrics.update({"merge_method": mc.method, "fusion_targets": len(targets), **merge(mc, planned)})
-        ppl = fm.eval.score({"pivot": str(pivot), **targets, "merged": mc.output}) if fm.eval else {}
+        models = {"pivot": str(pivot), **targets, "merged": mc.output}
+        diffs = [("merged", "pivot"), *[("merged", t) for t in targets], *[(t, "pivot") for t in targets]]
+        metrics.update(score_checkpoints(dc, models, int(cfg.seed or 0), diffs))
+        ppl = fm.eval.score(models) if fm.eval else {}
         metrics.update(ppl)
         if ppl:
             metrics["ppl_mean/merged_over_pivot"] = round(ppl["ppl_mean/merged"] / ppl["ppl_mean/pivot"], 4)

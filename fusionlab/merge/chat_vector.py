@@ -253,8 +253,10 @@ def transfer(cfg: ChatVectorConfig, derived: Mapping[str, str | Path] | None = N
     if not cfg.output or not cfg.vector_output:
         raise FusionlabError("chat_vector.output and vector_output must be set (ChatVectorConfig.for_run sets both).")
 
-    def path(ref: str) -> str:
-        return str(resolve_checkpoint(ref, derived))
+    def path(ref: str) -> str:  # a peft LoRA dir stands for base + LoRA (fusionlab.merge.lora.resolve_lora)
+        from fusionlab.merge.lora import resolve_lora
+
+        return str(resolve_lora(resolve_checkpoint(ref, derived), resolve_checkpoint(cfg.base, derived)))
 
     common = {"overwrite": cfg.overwrite, "progress": cfg.progress, "shard_size": cfg.shard_size}
     metrics: dict[str, Any] = {}

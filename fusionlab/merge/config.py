@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from fusionlab.errors import FusionlabError
+from fusionlab.io import check_output_path
 from fusionlab.merge.derive import DeriveSpec, PerplexityEval
 from fusionlab.merge.io import parse_size
 from fusionlab.merge.registry import get_method
+from fusionlab.merge.tokenizer import TokenizerConfig, check_source, source_model, tokenizer_config
 from fusionlab.models.resolve import DERIVED_PREFIX, check_device, torch_dtype
 
 
@@ -41,6 +43,45 @@ class InputModel:
 
 
 @dataclass
+class SliceSource:
+    """One model's layer range ``[start, stop)`` in an output slice (mergekit's ``slices[].sources[]``)."""
+
+    model: str
+    layer_range: list[int] = field(default_factory=list)  # [start, stop): layers start .. stop - 1
+    parameters: dict[str, Any] = field(default_factory=dict)  # this source's own (highest precedence)
+
+    def __post_init__(self) -> None:
+        r = list(self.layer_range)
+        if len(r) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in r) or not 0 <= r[0] < r[1]:
+            raise FusionlabError(f"layer_range={self.layer_range!r} of slice source {self.model!r} must be [start, stop] "
+                                 "with 0 <= start < stop (stop exclusive, as in mergekit).")
+        self.layer_range = r
+
+
+@dataclass
+class OutputSlice:
+    """A run of output layers merged from equally long layer ranges of its sources (a frankenmerge stacks
+    several; with ``passthrough`` each slice has one source)."""
+
+    sources: list[SliceSource] = field(default_factory=list)
+    base: str | None = None  # this slice's base model (one of its sources), else merge.base
+    parameters: dict[str, Any] = field(default_factory=dict)  # this slice's values (between sources' and global)
+
+    def __post_init__(self) -> None:
+        self.sources = [build(SliceSource, s, "a slice source") for s in self.sources]
+        if not self.sources:
+            raise FusionlabError("A merge slice has no sources; give each slice sources: [{model, layer_range}].")
+        lengths = [s.layer_range[1] - s.layer_range[0] for s in self.sources]
+        if len(set(lengths)) > 1:
+            raise FusionlabError(f"The sources of a slice must span the same number of layers; got layer ranges "
+                                 f"{[s.layer_range for s in self.sources]} ({lengths} layers).")
+
+    @property
+    def num_layers(self) -> int:
+        return self.sources[0].layer_range[1] - self.sources[0].layer_range[0]
+
+
+@dataclass
 class MergeConfig:
     """One merge, as ``merge:`` in the Hydra config and mergekit's YAML write it (``merge_method`` → ``method``).
 
@@ -49,13 +90,16 @@ class MergeConfig:
 
     method: str  # a registered merge method (conf/merge_method/<name>.yaml)
     models: list[InputModel] = field(default_factory=list)
+    slices: list[OutputSlice] = field(default_factory=list)  # layer ranges to stack (instead of models)
     base: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)  # global values (lowest precedence)
     output: str | None = None  # the merged checkpoint's dir; the merge job's default: <run dir>/merged
-    dtype: str = "auto"  # output dtype; auto = the reference model's stored dtype. Compute is fp32.
+    dtype: str = "auto"  # output dtype; auto = the reference model's stored dtype
+    compute_dtype: str = "float32"  # auto = the promoted stored dtype of each tensor's inputs (mergekit's default)
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     shard_size: str = "5GB"  # "5GB", "500MB" or a number of bytes
-    tokenizer_source: str | None = None  # whose config + tokenizer to copy (default: the base, else the first model)
+    tokenizer_source: str | None = None  # base | union | model:<ref> (fusionlab.merge.tokenizer); null: copy the base's
+    tokenizer: TokenizerConfig | None = None  # mergekit's tokenizer: section (source, tokens, pad_to_multiple_of) + fill
     seed: int | None = None  # random methods (dare, della): a generator per tensor; null = the run's seed (else 0)
     overwrite: bool = False
     progress: bool = True
@@ -66,17 +110,32 @@ class MergeConfig:
     def __post_init__(self) -> None:
         self.models = [InputModel(m) if isinstance(m, str) else build(InputModel, m, f"merge.models[{i}]")
                        for i, m in enumerate(self.models)]
+        self.slices = [build(OutputSlice, s, f"merge.slices[{i}]") for i, s in enumerate(self.slices)]
+        if self.slices and self.models:
+            raise FusionlabError("Set either merge.models (whole models) or merge.slices (layer ranges), not both.")
         self.derive = {n: build(DeriveSpec, s, f"merge.derive.{n}") for n, s in self.derive.items()}
         self.eval = build(PerplexityEval, self.eval, "merge.eval") if self.eval is not None else None
         method = get_method(self.method)
         method.check_names(self.parameters, "merge.parameters")
         for m in self.models:
             method.check_names(m.parameters, f"the parameters of model {m.model!r}", one_model=True)
-        if self.dtype != "auto":
-            torch_dtype(self.dtype, "merge.dtype")
+        for i, sl in enumerate(self.slices):
+            method.check_names(sl.parameters, f"merge.slices[{i}].parameters")
+            for src in sl.sources:
+                method.check_names(src.parameters, f"merge.slices[{i}] source {src.model!r}", one_model=True)
+        for key in ("dtype", "compute_dtype"):
+            if getattr(self, key) != "auto" and not torch_dtype(getattr(self, key), f"merge.{key}").is_floating_point:
+                raise FusionlabError(f"merge.{key}={getattr(self, key)!r} is not a floating-point dtype; use "
+                                     "float32, bfloat16, float16 or auto.")
         check_device(self.device, "merge.device")
         parse_size(self.shard_size)
-        for ref in [self.base, self.tokenizer_source, *(m.model for m in self.models)]:
+        if self.output is not None:  # an existing output is refused (or, with overwrite, must be ours) before any work
+            check_output_path(self.output, self.overwrite, key="merge.output")
+        self.tokenizer = build(TokenizerConfig, self.tokenizer, "merge.tokenizer") if self.tokenizer is not None else None
+        check_source(self.tokenizer_source, "merge.tokenizer_source")
+        tokenizer_config(self.tokenizer, self.tokenizer_source)  # not both
+        for ref in [self.base, source_model(self.tokenizer_source), *(m.model for m in self.models),
+                    *(s.model for sl in self.slices for s in sl.sources), *(sl.base for sl in self.slices)]:
             if ref and ref.startswith(DERIVED_PREFIX) and ref.removeprefix(DERIVED_PREFIX) not in self.derive:
                 raise FusionlabError(f"Model {ref!r} is not defined under merge.derive (defined: {sorted(self.derive)}).")
         if self.mergekit_config and not Path(self.mergekit_config).expanduser().is_file():
@@ -90,7 +149,8 @@ class MergeConfig:
     @property
     def reference(self) -> str | None:
         """The model the others are compared with and derived from: the base, else the first model."""
-        return self.base or (self.models[0].model if self.models else None)
+        first = self.models[0].model if self.models else self.slices[0].sources[0].model if self.slices else None
+        return self.base or first
 
     def for_run(self, output: str | Path, seed: int | None) -> "MergeConfig":
         """This merge as a run executes it: ``output`` and ``seed`` where unset, a mergekit YAML translated
@@ -101,7 +161,7 @@ class MergeConfig:
             return run
         from fusionlab.merge.mergekit_yaml import load_mergekit_config
 
-        keep = {"device", "shard_size", "dtype", "seed", "overwrite", "progress", "derive", "eval"}
+        keep = {"device", "shard_size", "dtype", "compute_dtype", "seed", "overwrite", "progress", "derive", "eval"}
         defaults = MergeConfig(method=self.method)
         overrides = {k: getattr(run, k) for k in keep if getattr(run, k) != getattr(defaults, k)}
         return load_mergekit_config(run.mergekit_config, run.output, **overrides)

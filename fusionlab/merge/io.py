@@ -55,6 +55,11 @@ def is_embedding(name: str) -> bool:
     return name in EMBED_NAMES or name in LM_HEAD_NAMES or name.endswith(("embed_tokens.weight", "lm_head.weight"))
 
 
+def is_input_embedding(name: str) -> bool:
+    """The input embedding (the token-indexed tensor before the layers; lm_head comes after them)."""
+    return name in EMBED_NAMES or name.endswith("embed_tokens.weight")
+
+
 def is_finite(t: torch.Tensor) -> bool:
     """No NaN/inf in ``t``. One reduction; the exact elementwise check only when the sum is not finite."""
     if not t.is_floating_point():
@@ -172,17 +177,11 @@ class CheckpointReader:
 
 
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """A safetensors file's JSON header and the byte offset where its data starts."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise FusionlabError(f"{path} is not a safetensors file (too short).")
-        n = struct.unpack("<Q", head)[0]
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise FusionlabError(f"{path} is not a valid safetensors file: {e}") from e
-    return header, 8 + n
+    """A safetensors file's JSON header and the byte offset where its data starts (bounds-checked against
+    the file size before reading: the guarded reader of fusionlab.io)."""
+    from fusionlab.io import read_safetensors_header
+
+    return read_safetensors_header(path)
 
 
 class ShardWriter:

@@ -1,13 +1,17 @@
 """Run an existing mergekit YAML with fusionlab's engine (``merge.mergekit_config=path.yml``).
 
-Supported: ``merge_method``, ``base_model``, ``models`` (with ``parameters``: scalars, layer
-gradients, ``filter`` lists), global ``parameters``, ``dtype``/``out_dtype``, ``tokenizer_source``
-(``base`` or a model). Not supported (clear error): ``slices``/``modules`` (layer surgery), LoRA
-``model+lora`` references, ``tokenizer_source: union`` and the ``tokenizer`` block.
+Translated: ``merge_method``, ``base_model``, ``models`` (with ``parameters``: scalars, layer
+gradients, ``filter`` lists), ``slices`` (``sources`` with ``layer_range`` and ``parameters``, a
+slice's ``base_model`` and ``parameters``), global ``parameters``, ``dtype`` (the compute dtype, as
+in mergekit; unset = the inputs' promoted dtype) and ``out_dtype`` (the output's; unset = the
+compute dtype), ``tokenizer_source`` and ``tokenizer`` (where the MergeConfig has them). Refused,
+with an error naming the key, before any checkpoint is opened: ``modules`` (per-module merges of
+multi-module models), a slice's ``residual_weight``, LoRA ``model+lora`` references,
+``chat_template``, and any key mergekit does not define.
 """
 from __future__ import annotations
 
-import logging
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +20,13 @@ import yaml
 from fusionlab.errors import FusionlabError
 from fusionlab.merge.config import MergeConfig
 
-log = logging.getLogger(__name__)
-
-_UNSUPPORTED = ("slices", "modules", "tokenizer")
-_IGNORED = ("name", "chat_template")
+# mergekit's MergeConfiguration fields fusionlab runs, and those it refuses (with why)
+_KNOWN = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source",
+          "tokenizer")
+_REFUSED = {"modules": "per-module merges (multi-module models) are not supported; use models or slices",
+            "chat_template": "setting a chat template is not supported; edit the merged tokenizer_config.json"}
+_SLICE_KEYS, _SOURCE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}, {"model", "layer_range",
+                                                                                          "parameters"}
 
 
 def _model_ref(ref: Any) -> str:
@@ -34,35 +41,63 @@ def _model_ref(ref: Any) -> str:
     return ref
 
 
+def _unknown(given: Any, known: set[str], where: str) -> None:
+    if not isinstance(given, dict):
+        raise FusionlabError(f"{where} must be a mapping, got {given!r}.")
+    extra = sorted(set(given) - known)
+    if extra:
+        raise FusionlabError(f"Unknown mergekit option(s) {extra} in {where}; mergekit defines {sorted(known)}.")
+
+
+def _slice(raw: Any, where: str) -> dict[str, Any]:
+    _unknown(raw, _SLICE_KEYS, where)
+    if raw.get("residual_weight") is not None:
+        raise FusionlabError(f"mergekit option 'residual_weight' in {where} is not supported; remove it.")
+    sources = []
+    for j, src in enumerate(raw.get("sources") or []):
+        _unknown(src, _SOURCE_KEYS, f"{where}.sources[{j}]")
+        if "layer_range" not in src:
+            raise FusionlabError(f"{where}.sources[{j}] has no layer_range; write layer_range: [start, stop].")
+        sources.append({"model": _model_ref(src["model"]), "layer_range": list(src["layer_range"]),
+                        "parameters": src.get("parameters") or {}})
+    return {"sources": sources, "base": _model_ref(raw["base_model"]) if raw.get("base_model") else None,
+            "parameters": raw.get("parameters") or {}}
+
+
 def load_mergekit_config(path: str | Path, output: str | Path, **overrides: Any) -> MergeConfig:
-    """Translate a mergekit YAML into a :class:`MergeConfig` writing to ``output``."""
+    """Translate a mergekit YAML into a :class:`MergeConfig` writing to ``output`` (no checkpoint is opened)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise FusionlabError(f"mergekit config {str(p)!r} does not exist; check merge.mergekit_config.")
     raw = yaml.safe_load(p.read_text()) or {}
-    for key in _UNSUPPORTED:
-        if raw.get(key):
-            raise FusionlabError(f"mergekit option {key!r} in {p} is not supported by fusionlab's engine "
-                                 "(only whole-model merges); run it with mergekit itself.")
-    known = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source", *_IGNORED}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise FusionlabError(f"Unknown mergekit option(s) {unknown} in {p}; fusionlab understands {sorted(known)}.")
-    if raw.get("tokenizer_source") == "union":
-        raise FusionlabError("tokenizer_source: union is not supported (it rebuilds embeddings); use base or a model.")
+    for key, why in _REFUSED.items():
+        if raw.get(key) is not None:
+            raise FusionlabError(f"mergekit option {key!r} in {p}: {why}.")
+    _unknown(raw, set(_KNOWN) | set(_REFUSED), str(p))
     if "merge_method" not in raw:
         raise FusionlabError(f"{p} has no merge_method.")
-    models = [{"model": _model_ref(m["model"]), "parameters": m.get("parameters") or {}} for m in raw.get("models") or []]
-    d = {
+    if bool(raw.get("models")) == bool(raw.get("slices")):
+        raise FusionlabError(f"{p} must list exactly one of models or slices (as mergekit requires).")
+    fields = {f.name for f in dataclasses.fields(MergeConfig)}
+    for key in ("tokenizer_source", "tokenizer"):
+        if raw.get(key) is not None and key not in fields:
+            raise FusionlabError(f"mergekit option {key!r} in {p} is not supported by this fusionlab; remove it.")
+    if raw.get("tokenizer_source") is not None and raw.get("tokenizer") is not None:
+        raise FusionlabError(f"{p} sets both tokenizer_source and tokenizer; mergekit allows only one.")
+    models = []
+    for i, m in enumerate(raw.get("models") or []):
+        _unknown(m, {"model", "parameters"}, f"{p}: models[{i}]")
+        models.append({"model": _model_ref(m["model"]), "parameters": m.get("parameters") or {}})
+    d: dict[str, Any] = {
         "method": raw["merge_method"],
         "models": models,
+        "slices": [_slice(s, f"{p}: slices[{i}]") for i, s in enumerate(raw.get("slices") or [])],
         "base": _model_ref(raw["base_model"]) if raw.get("base_model") else None,
         "parameters": raw.get("parameters") or {},
+        "compute_dtype": raw.get("dtype") or "auto",
         "dtype": raw.get("out_dtype") or raw.get("dtype") or "auto",
         "output": str(output),
-        "tokenizer_source": raw.get("tokenizer_source"),
     }
-    if not models and d["base"]:
-        raise FusionlabError(f"{p} lists no models.")
+    d.update({k: raw[k] for k in ("tokenizer_source", "tokenizer") if raw.get(k) is not None})
     d.update(overrides)
     return MergeConfig.from_dict(d)

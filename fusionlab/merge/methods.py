@@ -129,7 +129,8 @@ def _task_arithmetic_family(base: Tensor, tensors: list[Tensor], weight: list[fl
                             normalize: bool, sparsify: Sparsifier | None = None, consensus: str | None = None,
                             int8_mask: bool = False) -> Tensor:
     """mergekit's GeneralizedTaskArithmetic: sparsify each δᵢ, weight, (sign-elect), sum, normalise, scale."""
-    if not consensus:  # no sign election: accumulate in place, never stacking N deltas (same sums, same order)
+    if not consensus and base.dtype == torch.float32:  # accumulate in place, never stacking N deltas (same sums,
+        # same order as mergekit's fp32 sum; in 16-bit its sum accumulates in fp32 and weights are rounded: stacked path)
         mixed = None
         for i, t in enumerate(tensors):
             d = t - base
@@ -153,10 +154,15 @@ def _task_arithmetic_family(base: Tensor, tensors: list[Tensor], weight: list[fl
     mask_dtype = torch.int8 if int8_mask else None
 
     def elect_and_sum(d: Tensor) -> Tensor:
-        mask = sign_consensus(d, consensus, mask_dtype)
-        mixed = (d * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        if consensus:
+            mask = sign_consensus(d, consensus, mask_dtype)
+            mixed = (d * mask).sum(dim=0)
+            divisor = (w * mask).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = d.sum(dim=0)
+            divisor = w.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
         if normalize:
             mixed /= divisor
         if lambda_ != 1:
@@ -269,7 +275,7 @@ def della_linear(base: Tensor, tensors: list[Tensor], *, weight: PerModel[float]
 
 
 # --------------------------------------------------------------------------- other methods
-@merge_method(base="input")
+@merge_method(base="input", min_models=2)
 def linear(base: None, tensors: list[Tensor], *, weight: PerModel[float], normalize: bool = True) -> Tensor:
     """Linear / model soup (Wortsman et al. 2022, arXiv 2203.05482): Σ wᵢ θᵢ / Σ wᵢ.
 
@@ -385,3 +391,163 @@ def varm(base: Tensor, tensors: list[Tensor]) -> Tensor:
     for t, wj in zip(tensors, w):
         result.add_(t * wj)
     return result
+
+
+# --------------------------------------------------------------------------- mergekit's newer methods
+def _nuslerp(t: float, v0: Tensor, v1: Tensor, row_wise: bool, flatten: bool, eps: float = 1e-8) -> Tensor:
+    """SLERP of the rows of ``v0`` and ``v1`` (or their columns, or the whole flattened tensors).
+
+    mergekit's arithmetic, op for op (the same bits), in two reused buffers; the lerp branch is
+    computed only where some row is (anti)collinear."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos_theta = torch.sum(u0.mul_(u1), dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos_theta.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos_theta))
+    result = torch.mul(v0, torch.sin((1 - t) * theta), out=u0)
+    result.add_(torch.mul(v1, torch.sin(t * theta), out=u1)).div_(torch.sin(theta))
+    if bool(colinear.any()):
+        result = torch.where(colinear, (1 - t) * v0 + t * v1, result)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+@merge_method(base="optional", min_models=2, max_models=2)
+def nuslerp(base: Tensor | None, tensors: list[Tensor], *, weight: PerModel[float], nuslerp_row_wise: bool = False,
+            nuslerp_flatten: bool = True) -> Tensor:
+    """NuSLERP (mergekit): SLERP of two models at t = w₂ / (w₁ + w₂), of their task vectors when a base is set;
+    over the flattened tensor (default), each row, or each column (``nuslerp_row_wise``)."""
+    total = sum(weight)
+    t = 0.5 if abs(total) < 1e-6 else weight[1] / total
+    if base is None:
+        return _nuslerp(t, tensors[0], tensors[1], nuslerp_row_wise, nuslerp_flatten)
+    return base + _nuslerp(t, tensors[0] - base, tensors[1] - base, nuslerp_row_wise, nuslerp_flatten)
+
+
+@merge_method(base="optional")
+def multislerp(base: Tensor | None, tensors: list[Tensor], *, weight: PerModel[float], normalize_weights: bool = True,
+               eps: float = 1e-8) -> Tensor:
+    """Multi-SLERP (Goddard 2024): barycentric interpolation on the hypersphere of N models (task vectors
+    when a base is set), through the tangent space at their weighted mean; norm = the weighted mean norm."""
+    if len(tensors) == 1:
+        return tensors[0]
+    stacked = torch.stack(tensors, dim=0)
+    if base is not None:
+        stacked -= base
+    flat = stacked.view(stacked.shape[0], -1)
+    w = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    scratch = torch.mul(units, w.view(-1, 1))  # one (N, n) buffer for every product below (mergekit's ops)
+    mean = scratch.sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if stacked.shape[0] != 2:
+            raise FusionlabError("multislerp: the weighted sum of the (unit) inputs is zero (antipodal inputs with "
+                                 "balancing weights); change the weights.")
+        result = (stacked[0] * w[0] + stacked[1] * w[1]).view(stacked.shape[1:])
+        return result if base is None else result + base
+    mean.div_(mean_norm)
+    dots = torch.mul(units, mean, out=scratch).sum(-1, keepdim=True)
+    tangent = torch.sub(units, torch.mul(dots, mean, out=scratch), out=scratch)  # units - dots * mean
+    tangent_result = tangent.mul_(w.view(-1, 1)).sum(0)
+    tangent_norm = torch.norm(tangent_result) + eps
+    result = mean.mul_(torch.cos(tangent_norm)).add_(tangent_result.mul_(torch.sin(tangent_norm) / tangent_norm))
+    result = result.mul_((norms.squeeze(-1) * w).sum()).view(stacked.shape[1:])
+    return result if base is None else result.add_(base)
+
+
+@merge_method(base="input")
+def karcher(base: None, tensors: list[Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+    """Karcher mean (arXiv 2603.04972): the Riemannian mean of the inputs' directions on the unit sphere
+    (fixed-point iterations), scaled by their mean norm. A base model, if set, is one more input.
+
+    mergekit's arithmetic op for op (the same bits), the iterations in two reused buffers."""
+    if len(tensors) == 1:
+        return tensors[0]
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    norms = [torch.linalg.vector_norm(t.to(dtype)) for t in tensors]
+    units = [torch.zeros_like(t) if n.item() == 0.0 else (t / n).to(t.dtype) for t, n in zip(tensors, norms)]
+    valid = [i for i, n in enumerate(norms) if n.item() > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    total = sum(alphas[i] for i in valid)
+    a = [alphas[i] / total for i in valid]
+    u = [units[i] for i in valid]
+    mean = torch.zeros_like(u[0])
+    for ai, ui in zip(a, u):
+        mean += ai * ui
+    mean_norm = torch.linalg.vector_norm(mean.to(dtype))
+    mean = u[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    tangent, scratch = torch.empty_like(mean), torch.empty_like(mean)
+    for _ in range(max_iter):
+        tangent.zero_()
+        for ai, ui in zip(a, u):
+            dot = torch.clamp(torch.dot(mean.flatten(), ui.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            torch.mul(dot, mean, out=scratch)
+            torch.sub(ui, scratch, out=scratch)
+            tangent += scratch.mul_(ai * (theta / torch.sin(theta)))
+        tangent_norm = torch.linalg.vector_norm(tangent.to(dtype))
+        if tangent_norm.item() < tol:
+            break
+        mean.mul_(torch.cos(tangent_norm)).add_(tangent.div_(tangent_norm).mul_(torch.sin(tangent_norm)))
+        unit_norm = torch.linalg.vector_norm(mean.to(dtype))
+        if unit_norm.item() > tol:
+            mean.div_(unit_norm)
+    return mean.mul_(sum(ai * n for ai, n in zip(alphas, norms)))
+
+
+@merge_method(max_models=1)
+def nearswap(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
+    """NearSwap (alchemonaut): take the other model's value where it is within ``t`` of the base's,
+    interpolating with weight t / |Δ| (clamped to [0, 1]) where it is farther."""
+    other = tensors[0]
+    # mergekit's weight * other + (1 - weight) * base, weight = (t / |base - other|.clamp(1e-6)).clamp(0, 1),
+    # op for op in two buffers (``t / x`` is torch's ``x.reciprocal() * t``; 1 - w == -w + 1 exactly)
+    weight = torch.sub(base, other).abs_().clamp_(min=1e-6).reciprocal_().mul_(t).clamp_(min=0, max=1)
+    out = torch.mul(weight, other)
+    return out.add_(weight.neg_().add_(1).mul_(base))
+
+
+_FUSION_SAMPLE = 1_000_000  # mergekit's quantile sample size (larger tensors: quantiles of a random sample)
+_FUSION_QUANTILES = (0.25, 0.5, 0.75)
+
+
+@merge_method(max_models=1)
+def arcee_fusion(base: Tensor, tensors: list[Tensor], *, generator: torch.Generator | None = None) -> Tensor:
+    """Arcee Fusion: keep the other model's value where its importance |Δ|·KL(softmax rows) reaches
+    median + 1.5·IQR of all importances; the base's elsewhere.
+
+    Exact quantiles up to 10⁶ entries (O(n) selection; the same values as mergekit's sort); beyond, as in
+    mergekit, quantiles of 10⁶ entries drawn with replacement (here from the engine's seeded generator,
+    mergekit uses torch's global one: same statistics, different draws)."""
+    other = tensors[0]
+    p = torch.softmax(other, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    importance = (other - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    flat = importance.reshape(-1)
+    if flat.numel() > _FUSION_SAMPLE:
+        flat = flat[torch.randint(flat.numel(), (_FUSION_SAMPLE,), device=flat.device, generator=generator)]
+    at = (torch.tensor(_FUSION_QUANTILES) * (flat.numel() - 1)).long().tolist()  # mergekit's float32 rounding
+    q1, median, q3 = (torch.kthvalue(flat, i + 1).values for i in at)
+    threshold = median + 1.5 * (q3 - q1)
+    return base + (other - base) * (importance >= threshold).to(base.dtype)
+
+
+@merge_method(base="input", max_models=1)
+def passthrough(base: None, tensors: list[Tensor], *, scale: PerModel[float | None] = None) -> Tensor:
+    """Passthrough: the one input's tensor, times ``scale`` if set — the method of frankenmerges
+    (``slices:`` stacking layer ranges of several models)."""
+    return tensors[0] if scale[0] is None else tensors[0] * scale[0]

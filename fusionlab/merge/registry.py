@@ -5,14 +5,15 @@
         ...
 
 A method function merges ONE tensor: ``base`` is the base model's tensor (``None`` for a method
-registered with ``base="input"``, where the base is one more input), ``tensors`` the other models'
-tensors (fp32, same shape). Its keyword-only parameters are the method's parameters, read here
+registered with ``base="input"``, where the base is one more input; ``None`` too for
+``base="optional"`` when no base is set), ``tensors`` the other models' tensors (the compute dtype,
+fp32 by default; same shape). Its keyword-only parameters are the method's parameters, read here
 once (mergekit's ``easy_define`` idea), so each default is written once, in the signature:
 
 - ``PerModel[T]``: one value per model (from that model's ``parameters`` or the global ones); the
   function receives the list, in the order of ``tensors``;
-- any other annotation (``float``, ``int``, ``bool``, ``str`` or a ``Literal`` of choices): one value
-  for all models;
+- any other annotation (``float``, ``int``, ``bool``, ``str`` or a ``Literal`` of choices, each
+  possibly ``| None``): one value for all models;
 - no default: required (mergekit's convention);
 - a trailing underscore is dropped from the name users write (``lambda_`` is ``lambda``);
 - a parameter called ``generator`` is not a user option: the method is random and gets a
@@ -25,7 +26,8 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Literal, Mapping, TypeVar, get_args, get_origin, get_type_hints
+import types
+from typing import Annotated, Any, Callable, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -42,7 +44,8 @@ class _PerModelMarker:
 PER_MODEL = _PerModelMarker()
 PerModel = Annotated[list[T], PER_MODEL]  # PerModel[float]: one float per model; the function gets the list
 REQUIRED = inspect.Parameter.empty  # the default of a parameter that has none
-BASES = ("required", "input")  # the base model is required | is one more weighted input (linear)
+# the base model is required | is one more weighted input (linear) | is used when set (nuslerp, multislerp)
+BASES = ("required", "input", "optional")
 GENERATOR = "generator"
 
 
@@ -62,6 +65,14 @@ class Parameter:
 
     def check(self, value: Any, where: str) -> Any:
         """``value`` as this parameter's type (ints accepted for floats), else an error naming both."""
+        kind = self.type
+        if get_origin(kind) in (Union, types.UnionType) and type(None) in get_args(kind):  # ``T | None``
+            if value is None:
+                return None
+            kind = next(a for a in get_args(kind) if a is not type(None))
+        return Parameter(self.name, self.arg, kind, self.default, self.per_model)._check(value, where)
+
+    def _check(self, value: Any, where: str) -> Any:
         choices = get_args(self.type) if get_origin(self.type) is Literal else None
         if choices is not None:
             ok = value in choices and isinstance(value, str)
@@ -92,7 +103,7 @@ class Method:
     fn: Callable[..., torch.Tensor]
     parameters: tuple[Parameter, ...]
     base: str = "required"  # one of BASES
-    min_models: int = 1  # models besides the base
+    min_models: int = 1  # models besides the base (for base="input": all inputs, the base being one)
     max_models: int | None = None
     random: bool = False  # takes a seeded generator
 

@@ -2,7 +2,9 @@
 
 GGUF weights are de-quantised to fp32 by transformers, which takes 30-110 s; the result
 is saved with ``save_pretrained`` (safetensors) under ``$FUSIONLAB_CACHE/models/<name>``
-so that every later load takes seconds.
+so that every later load takes seconds. The entry is written atomically with a manifest (each
+file's size and content hash) and verified on every use: a truncated or altered entry (a disk
+full, a killed copy) is reported once and converted again, never loaded.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from fusionlab.errors import FusionlabError
-from fusionlab.io import atomic_dir
+from fusionlab.io import MANIFEST, atomic_dir, manifest_problem, read_safetensors_header, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,11 @@ def embedded_checkpoint(name: str) -> Path:
             "For any other model use model.source=hf with model.path=<hub id or local dir>."
         )
     target = cache_dir() / "models" / f"{name}-v{CONVERSION_VERSION}"
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
-        return target
+    if target.exists():
+        problem = _cache_problem(target)
+        if problem is None:
+            return target
+        log.warning("The cached conversion of %s at %s cannot be used (%s): converting it again.", name, target, problem)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = EMBEDDED_MODELS[name].locate_gguf()
@@ -88,8 +93,30 @@ def embedded_checkpoint(name: str) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, overwrite=True, owned=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        write_manifest(tmp)
     log.info("Converted %s in %.0f s", name, time.perf_counter() - start)
     return target
+
+
+def _cache_problem(target: Path) -> str | None:
+    """Why a cache entry cannot be used; an entry of an older fusionlab (no manifest) that is structurally
+    whole (config, tokenizer, safetensors within their files) is adopted: its manifest is written now."""
+    if (target / MANIFEST).is_file():
+        return manifest_problem(target)
+    shards = sorted(target.glob("*.safetensors"))
+    if not (target / "config.json").is_file() or not shards or not (target / "tokenizer_config.json").is_file():
+        return "it is incomplete"
+    try:
+        for shard in shards:
+            read_safetensors_header(shard)
+    except FusionlabError as e:
+        return str(e)
+    try:
+        write_manifest(target)
+    except OSError:  # a read-only shared cache: usable, just not adopted
+        pass
+    return None
+

@@ -31,6 +31,11 @@ class GenerationConfig:
                                  "(generation.do_sample=true); use do_sample=false for greedy decoding.")
         if not 0 < self.top_p <= 1:
             raise FusionlabError(f"generation.top_p={self.top_p} must be in (0, 1].")
+        if not self.do_sample and (self.temperature != 1.0 or self.top_p != 1.0):
+            key, value = ("temperature", self.temperature) if self.temperature != 1.0 else ("top_p", self.top_p)
+            raise FusionlabError(f"generation.{key}={value} has no effect with greedy decoding "
+                                 "(generation.do_sample=false); set generation.do_sample=true to sample, or leave "
+                                 f"generation.{key} at 1.0.")
 
     def new_tokens_for(self, task_default: int) -> int:
         """The user's ``max_new_tokens`` when set, else the task's own default."""

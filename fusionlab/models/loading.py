@@ -17,7 +17,8 @@ from typing import Any, Mapping
 
 import torch
 
-from fusionlab.errors import FusionlabError
+from fusionlab.errors import FusionlabError, user_error
+from fusionlab.io import check_gguf, read_json, read_safetensors_header
 from fusionlab.models.embedded import EMBEDDED_MODELS
 from fusionlab.models.resolve import DTYPES, check_device, resolve_checkpoint, resolve_device, torch_dtype
 
@@ -30,7 +31,7 @@ SOURCES = ("hf", "gguf", "embedded", "random")
 class ModelSpec:
     """Where a model comes from and how to run it (the ``model:`` node; ``conf/model/*.yaml`` state what differs)."""
 
-    name: str = "model"
+    name: str | None = "model"  # null: the path (model=hf)
     source: str = "hf"  # one of SOURCES
     path: str | None = None  # hub id / HF dir (hf), .gguf file (gguf), embedded name (embedded)
     tokenizer: str | None = None  # tokenizer location when it differs from `path` (random models)
@@ -43,12 +44,18 @@ class ModelSpec:
     trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
+        if self.name is None:
+            self.name = self.path or "model"
         if self.source not in SOURCES:
             raise FusionlabError(f"Unknown model.source {self.source!r} for model {self.name!r}; use one of {SOURCES}.")
         if self.dtype not in DTYPES:
             raise FusionlabError(f"Unknown model.dtype {self.dtype!r} for model {self.name!r}; use one of "
                                  f"{sorted(DTYPES)}.")
         check_device(self.device, "model.device")
+        if self.source in ("hf", "gguf") and self.path == "":  # conf/model/{hf,gguf}.yaml: path required
+            example = "/path/to/model.gguf" if self.source == "gguf" else "<local HF dir or hub id org/name>"
+            raise FusionlabError(f"model.path is required for model {self.name!r} (model.source={self.source}): set "
+                                 f"model.path={example}.")
         if self.source == "embedded" and self.path is not None and self.path not in EMBEDDED_MODELS:
             raise FusionlabError(f"Unknown embedded model {self.path!r} (model {self.name!r}); embedded models are "
                                  f"{sorted(EMBEDDED_MODELS)}. For any other model use model.source=hf with "
@@ -68,24 +75,50 @@ class ModelSpec:
         return torch_dtype(self.dtype, "model.dtype")
 
 
-def checkpoint_location(spec: ModelSpec) -> tuple[str, dict[str, Any]]:
-    """Return (`from_pretrained` location, extra kwargs) for a non-random spec."""
+def checkpoint_location(spec: ModelSpec, weights: bool = True) -> tuple[str, dict[str, Any]]:
+    """Return (`from_pretrained` location, extra kwargs) for a non-random spec. ``weights=False``: only the
+    tokenizer is read from it (a tokenizer-only directory is fine: no config.json checked)."""
     if not spec.path:
         raise FusionlabError(f"Model {spec.name!r} (source={spec.source}) needs model.path to be set.")
     if spec.source == "gguf":
         p = Path(spec.path).expanduser()
         if not p.is_file():
             raise FusionlabError(f"GGUF file {str(p)!r} for model {spec.name!r} does not exist; check model.path.")
+        check_gguf(p)
         return str(p.parent), {"gguf_file": p.name}
     location = resolve_checkpoint(spec.path, allow_hub=spec.source == "hf", what=f"model.path of model {spec.name!r}")
-    if isinstance(location, Path) and not location.is_dir():
-        raise FusionlabError(f"Model directory {str(location)!r} for model {spec.name!r} is a file; model.path "
-                             "of an hf model is a checkpoint directory (model=gguf for a .gguf file).")
+    if isinstance(location, Path) and weights:
+        check_model_dir(location, spec.name)
     return str(location), ({"trust_remote_code": spec.trust_remote_code} if spec.source == "hf" else {})
 
 
-def load_tokenizer(spec: ModelSpec):
-    """Load the tokenizer of ``spec`` (for random models, that of ``spec.tokenizer``)."""
+def check_model_dir(path: Path, name: str = "model") -> Path:
+    """A local HF checkpoint directory that transformers can load: a config.json that parses and safetensors
+    files within their own size (cheap: headers only), so a wrong or damaged directory fails here, naming
+    the file, instead of deep inside transformers."""
+    if not path.is_dir():
+        raise FusionlabError(f"Model directory {str(path)!r} for model {name!r} is a file; model.path of an hf "
+                             "model is a checkpoint directory (model=gguf for a .gguf file).")
+    if not (path / "config.json").is_file():
+        raise FusionlabError(f"{str(path)!r} (model {name!r}) is not a model directory: it has no config.json. Give "
+                             "the directory that save_pretrained wrote (config.json, *.safetensors, tokenizer files).")
+    config = read_json(path / "config.json", "model config")
+    if not isinstance(config, dict):
+        raise FusionlabError(f"model config {str(path / 'config.json')!r} is not a JSON object; re-save the model.")
+    for shard in sorted(path.glob("*.safetensors")):
+        read_safetensors_header(shard)
+    return path
+
+
+def _load_error(what: str, spec: ModelSpec, location: str, err: Exception) -> FusionlabError:
+    known = user_error(err)
+    detail = str(known) if known is not None else f"{type(err).__name__}: {' '.join(str(err).split())[:300]}"
+    return FusionlabError(f"Could not load the {what} of model {spec.name!r} from {location!r}: {detail}")
+
+
+def load_tokenizer(spec: ModelSpec, tokenizer_only: bool = False):
+    """Load the tokenizer of ``spec`` (for random models, that of ``spec.tokenizer``, which may be a
+    tokenizer-only directory: ``tokenizer_only``)."""
     from transformers import AutoTokenizer
 
     if spec.source == "random":
@@ -93,12 +126,12 @@ def load_tokenizer(spec: ModelSpec):
             raise FusionlabError(f"Random model {spec.name!r} needs model.tokenizer (an embedded name or HF dir).")
         src = ModelSpec(name=spec.name, source="embedded" if spec.tokenizer in EMBEDDED_MODELS else "hf",
                         path=spec.tokenizer)
-        return load_tokenizer(src)
-    location, kwargs = checkpoint_location(spec)
+        return load_tokenizer(src, tokenizer_only=True)
+    location, kwargs = checkpoint_location(spec, weights=not tokenizer_only)
     try:
         tok = AutoTokenizer.from_pretrained(location, **kwargs)
-    except OSError as e:
-        raise FusionlabError(f"Could not load the tokenizer of model {spec.name!r} from {location!r}: {e}") from e
+    except (OSError, ValueError) as e:  # no tokenizer files, no network, a broken tokenizer.json
+        raise _load_error("tokenizer", spec, location, e) from e
     if spec.chat_template:
         tok.chat_template = spec.chat_template
     if tok.pad_token is None:
@@ -138,8 +171,8 @@ def load_model(spec: ModelSpec | Mapping[str, Any]):
         location, kwargs = checkpoint_location(spec)
         try:
             model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
-        except OSError as e:
-            raise FusionlabError(f"Could not load model {spec.name!r} from {location!r}: {e}") from e
+        except (OSError, ValueError) as e:  # no weights, no network, an unknown model_type
+            raise _load_error("weights", spec, location, e) from e
     model.to(device).eval()
     if tokenizer is not None and model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id

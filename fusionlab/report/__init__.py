@@ -18,7 +18,7 @@ from fusionlab.io import atomic_write_text, write_json
 from fusionlab.report.collect import (Run, collect_runs, read_optuna_results, sweep_objective,
                                       varying_overrides)
 from fusionlab.report.plots import HEATMAP_PAIRS, plot_curves, plot_heatmap, read_step_logs
-from fusionlab.report.tables import columns_of, read_report_csv, to_markdown, write_csv
+from fusionlab.report.tables import columns_of, heldout_rows, read_report_csv, to_markdown, write_csv
 from fusionlab.tracking import sweep_group_name
 
 __all__ = ["Report", "build_report", "collect_runs", "read_report_csv", "plot_heatmap", "plot_curves",
@@ -120,6 +120,10 @@ def _markdown(runs: list[Run], rows, columns, metric, swept, files) -> str:
     for sweep, res in read_optuna_results(runs).items():
         lines += [f"Optuna ({sweep.name}): best value {res.get('best_value')} with {res.get('best_params')}.", ""]
     lines.append(to_markdown(rows, columns))
+    if held := heldout_rows(runs):  # distill runs: is fusion better than the pivot and than plain CLM training?
+        lines += ["## Held-out: pivot / CLM baseline / fused", "",
+                  "Mean over held-out conversations [95% bootstrap interval]; fused − clm is paired (same "
+                  "conversations or examples).", "", to_markdown(held)]
     for name in files:
         if name.endswith(".png"):
             lines += [f"![{name}]({name})", ""]

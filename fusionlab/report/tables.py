@@ -71,3 +71,36 @@ def read_report_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Rows of a ``report.csv`` with numbers parsed back (empty cells are None)."""
     with open(path, newline="", encoding="utf-8") as f:
         return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+COMPARED = ("pivot", "clm", "fused")  # the distill runs' held-out table: start, baseline, method
+
+
+def _with_interval(metrics: dict[str, Any], key: str) -> str | None:
+    value = metrics.get(key)
+    if not isinstance(value, (int, float)):
+        return None
+    low, high = metrics.get(f"{key}_low"), metrics.get(f"{key}_high")
+    return f"{value:.4f} [{low:.4f}, {high:.4f}]" if isinstance(low, (int, float)) and isinstance(high, (int, float)) \
+        else f"{value:.4f}"
+
+
+def heldout_rows(runs: Iterable[Any]) -> list[dict[str, Any]]:
+    """Per distill run with held-out scores: pivot / CLM baseline / fused side by side (value [95% interval]),
+    and the paired fused − CLM difference, for CE and for the task metric when there is one."""
+    rows = []
+    for run in runs:
+        m = run.metrics
+        for split in ("heldout", "dev"):
+            if not any(k.startswith(f"{split}/ce/") for k in m):
+                continue
+            metric_names = sorted({k.split("/")[1] for k in m if k.startswith(f"{split}/")
+                                   and k.count("/") == 2 and k.split("/")[2] in COMPARED} - {"ppl"})
+            for metric in metric_names:
+                row = {"run": run.name, "split": split, "metric": metric,
+                       "n": m.get(f"{split}/conversations") if metric == "ce" else None}
+                for model in COMPARED:
+                    row[model] = _with_interval(m, f"{split}/{metric}/{model}")
+                row["fused − clm"] = _with_interval(m, f"{split}/{metric}_diff/fused_minus_clm")
+                rows.append(row)
+    return rows

@@ -65,8 +65,16 @@ MATH = dict(prompt="{question}\n" + MATH_INSTRUCTION, assistant_prefix=COT_PREFI
 CHOICE = dict(prompt='{question}\nAnswer Choices:\n{choices}\nEnd your reply with "The answer is X." where X is one '
                      "of the letters.", assistant_prefix=COT_PREFIX, demo="choice", extractor="choice",
               metric="accuracy")
+# The letter alone (no chain of thought): one short line, for models too small to reason their way there.
+CHOICE_DIRECT = dict(prompt="{question}\nAnswer Choices:\n{choices}\nAnswer with the letter of the correct choice.",
+                     assistant_prefix="The answer is", demo="choice", extractor="choice", metric="accuracy",
+                     max_new_tokens=4, stop=("\n",))
 SHORT_QA = dict(prompt="Answer the question with a short phrase.\nQuestion: {question}", assistant_prefix="Answer:",
                 extractor="short_answer", metric="exact_match", answer="aliases", max_new_tokens=32, stop=("\n",))
+# The model writes the equation ("X = 54 - 28"), a calculator evaluates it (the embedded models set up
+# equations well but mis-add under chain-of-thought); one line, so decoding stops after ~8 tokens.
+EQUATION = dict(prompt="{question}", assistant_prefix="X =", demo="equation", extractor="equation",
+                metric="accuracy", max_new_tokens=16, stop=("\n",))
 ONE_LINE = dict(extractor="first_line", metric="bleu", answer="references", stop=("\n",))
 
 TASKS: dict[str, TaskDef] = {t.name: t for t in [
@@ -74,7 +82,11 @@ TASKS: dict[str, TaskDef] = {t.name: t for t in [
     TaskDef("gsm8k", data_file="gsm8k/test.jsonl", fields={"final": "answer", "answer": "solution"}, **MATH),
     TaskDef("asdiv", data_file="asdiv/test.jsonl", **MATH),
     TaskDef("svamp", data_file="svamp/test.jsonl", **MATH),
+    TaskDef("addsub_eq", data_file="addsub/test.jsonl", **EQUATION),
+    TaskDef("asdiv_eq", data_file="asdiv/test.jsonl", fields={"formula": "equation"}, **EQUATION),
+    TaskDef("svamp_eq", data_file="svamp/test.jsonl", **EQUATION),
     TaskDef("commonsenseqa", data_file="commonsenseqa/dev.jsonl", **CHOICE),
+    TaskDef("commonsenseqa_direct", data_file="commonsenseqa/dev.jsonl", **CHOICE_DIRECT),
     TaskDef("nq", hf_dataset=("nq_open", None, "validation"), **SHORT_QA),
     TaskDef("triviaqa", hf_dataset=("trivia_qa", "rc.nocontext", "validation"), **SHORT_QA),
     TaskDef("e2e", prompt="Write one sentence describing a restaurant with these attributes: {question}",
@@ -88,9 +100,19 @@ TASKS: dict[str, TaskDef] = {t.name: t for t in [
 ]}
 
 
+SPLITS = ("all", "dev", "test")
+
+
 @dataclass
 class TaskConfig:
-    """Which task to run and on which examples (the ``task:`` node)."""
+    """Which task to run and on which examples (the ``task:`` node).
+
+    ``split``: ``all`` evaluates the first ``limit`` examples (seeded random with ``shuffle``), with
+    demonstrations drawn from the rest. ``dev``/``test`` split a seeded permutation of the data
+    (``seed``): its first ``dev_size`` examples are the dev part, where demonstrations come from and
+    settings are chosen, the rest the test part, which is reported; ``dev`` evaluates the dev part minus
+    the demonstrations, ``test`` the test part (``limit``: its first N).
+    """
 
     name: str = "addsub"
     path: str | None = None  # a JSONL file instead of the task's default data
@@ -98,6 +120,8 @@ class TaskConfig:
     seed: int = 0
     shuffle: bool = False
     n_shot: int = 0  # few-shot demonstrations, drawn from the same data, never an evaluated example
+    split: str = "all"  # all | dev | test (see above)
+    dev_size: int = 60  # examples in the dev part of a dev/test split
 
     def __post_init__(self) -> None:
         get_task(self.name)
@@ -105,9 +129,45 @@ class TaskConfig:
             raise FusionlabError(f"task.limit={self.limit} must be a positive number of examples (or null for all).")
         if self.n_shot < 0:
             raise FusionlabError(f"task.n_shot={self.n_shot} must be >= 0.")
+        if self.split not in SPLITS:
+            raise FusionlabError(f"task.split={self.split!r} is not one of {list(SPLITS)}.")
+        if self.split != "all" and self.n_shot >= self.dev_size:
+            raise FusionlabError(f"task.dev_size={self.dev_size} leaves no dev example besides the {self.n_shot} "
+                                 "demonstrations (task.n_shot); raise task.dev_size.")
         if self.path is not None and not Path(self.path).expanduser().is_file():
             raise FusionlabError(f"task.path={self.path!r} is not a file; give a JSONL file of examples "
                                  "(or task.path=null for the task's shipped data).")
+
+
+@dataclass
+class TaskInputs:
+    """What a run evaluates: the examples, the few-shot demonstrations, and the dev examples (neither
+    evaluated nor demonstrations: for warm-ups and per-member scores; empty under ``split: all``)."""
+
+    task: TaskDef
+    examples: list[dict[str, Any]]
+    shots: list[dict[str, Any]]
+    dev: list[dict[str, Any]]
+
+
+def task_inputs(config: TaskConfig) -> TaskInputs:
+    """The examples, demonstrations and dev examples that ``config`` selects (the data is read once)."""
+    task = get_task(config.name)
+    everything = load_examples(task, path=config.path)
+    if config.split == "all":
+        examples = select_examples(everything, config.limit, config.seed, config.shuffle)
+        shots = few_shot_examples(task, config.n_shot, seed=config.seed, exclude={ex["id"] for ex in examples},
+                                  pool=everything)
+        return TaskInputs(task, examples, shots, [])
+    if config.dev_size >= len(everything):
+        raise FusionlabError(f"task.dev_size={config.dev_size} leaves no test examples: task {task.name!r} has "
+                             f"{len(everything)}; lower task.dev_size.")
+    order = select_examples(everything, None, config.seed, shuffle=True)
+    dev_part, test_part = order[:config.dev_size], order[config.dev_size:]
+    shots = few_shot_examples(task, config.n_shot, seed=config.seed, pool=dev_part)
+    dev = [ex for ex in dev_part if ex["id"] not in {s["id"] for s in shots}]
+    examples = select_examples(dev if config.split == "dev" else test_part, config.limit)
+    return TaskInputs(task, examples, shots, dev)
 
 
 def get_task(task: str | TaskDef) -> TaskDef:

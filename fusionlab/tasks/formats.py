@@ -4,6 +4,7 @@ normalised after loading, and how a few-shot demonstration answers. A task names
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 from fusionlab.errors import FusionlabError
@@ -68,8 +69,38 @@ def demo_first_reference(example: dict[str, Any]) -> str:
     return gold[0] if isinstance(gold, list) else str(gold)
 
 
+_NUM = r"\s*(-?[\d.]+)\s*"
+_SOLVE = [(re.compile(rf"^{_NUM}\+\s*X\s*={_NUM}$"), "{1} - {0}"), (re.compile(rf"^\s*X\s*\+{_NUM}={_NUM}$"), "{1} - {0}"),
+          (re.compile(rf"^{_NUM}-\s*X\s*={_NUM}$"), "{0} - {1}"), (re.compile(rf"^\s*X\s*-{_NUM}={_NUM}$"), "{1} + {0}")]
+
+
+def _solved_for_x(equation: str) -> str:
+    """AddSub's "74 + X = 86" style (a + X = b, X + a = b, a - X = b, X - a = b) as "X = 86 - 74"."""
+    for pattern, solved in _SOLVE:
+        m = pattern.match(equation)
+        if m:
+            return "X = " + solved.format(*m.groups())
+    return equation
+
+
+def demo_equation(example: dict[str, Any]) -> str:
+    """``X = <expression>`` from the example's annotated ``equation`` (AddSub's "X = 70 - 27", SVAMP's
+    "( 76.0 - 25.0 )", ASDiv's formula "7+2=9"), with "76.0" written "76"; ``X = <answer>`` when the
+    annotation is missing or does not evaluate to the gold answer (a demonstration never shows a
+    wrong equation)."""
+    from fusionlab.tasks.scoring import calculate, numbers_equal
+
+    raw = str(example.get("equation") or "")
+    expression = re.sub(r"^\s*[A-Za-z]\s*=", "", _solved_for_x(raw)).split("=")[0]
+    expression = " ".join(re.sub(r"(\d+)\.0\b", r"\1", expression).split())
+    if not numbers_equal(calculate(expression), example["answer"]):
+        expression = str(example["answer"])
+    return f"X = {expression}"
+
+
 DEMOS: dict[str, Callable[[dict[str, Any]], str]] = {
     "worked_solution": demo_worked_solution,
+    "equation": demo_equation,
     "choice": demo_choice,
     "first_reference": demo_first_reference,
 }

@@ -5,6 +5,8 @@ the gold answer) and :data:`METRICS` (aggregate the predictions into the task's 
 """
 from __future__ import annotations
 
+import ast
+import operator
 import re
 import string
 from dataclasses import dataclass
@@ -21,14 +23,64 @@ def _to_number(token: str) -> float:
 
 
 def extract_number(text: str) -> float | int | None:
-    """EVA's rule: the first number after the last "the answer is", else the last number, else None."""
-    triggers = list(_TRIGGER.finditer(text))
-    if triggers:
-        after = _NUMBER.search(text, triggers[-1].end())
+    """EVA's rule: the first number after the first "the answer is", else the last number, else None.
+
+    A reply that states an answer and then rambles on ("The answer is 5. Wait, the answer is 6.")
+    is scored on what it said first, as EVA's evaluation does.
+    """
+    trigger = _TRIGGER.search(text)
+    if trigger:
+        after = _NUMBER.search(text, trigger.end())
         if after:
             return _to_number(after.group())
     numbers = _NUMBER.findall(text)
     return _to_number(numbers[-1]) if numbers else None
+
+
+_ARITHMETIC = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_VARIABLE = re.compile(r"^\s*[A-Za-z]\s*=(?!=)")  # a leading "X =" (the reply may repeat the prefix)
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
+
+
+def calculate(expression: str) -> float | int | None:
+    """The value of an arithmetic expression of numbers, + - * /, unary minus and parentheses, or None.
+
+    Parsed with :mod:`ast` and evaluated node by node (never ``eval``): names, calls, powers and
+    anything else are refused, so a model's reply cannot run code or ask for a huge power.
+    """
+    def value(node: ast.AST) -> float:
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _ARITHMETIC:
+            return _ARITHMETIC[type(node.op)](value(node.left), value(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
+        raise ValueError(type(node).__name__)
+
+    expression = _THOUSANDS.sub("", expression.replace("$", "")).strip().rstrip(".").strip()
+    if not expression or len(expression) > 200:
+        return None
+    try:
+        result = float(value(ast.parse(expression, mode="eval").body))
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError):
+        return None
+    if result != result or result in (float("inf"), float("-inf")):
+        return None
+    return int(result) if result.is_integer() else result
+
+
+def extract_equation(text: str) -> float | int | None:
+    """The value of the equation a reply writes on its first line ("X = 70 - 27" or just " 70 - 27").
+
+    The reply continues an assistant prefix such as "X =": its first line, after an optional
+    repeated "X =", up to the next "=" (a model may append "= 43"), is evaluated by :func:`calculate`
+    (the model sets up the equation, the calculator does the arithmetic); a line that is not an
+    expression falls back to :func:`extract_number` on that line.
+    """
+    line = text.strip().split("\n")[0]
+    line = _VARIABLE.sub("", line).split("=")[0]
+    value = calculate(line)
+    return value if value is not None else extract_number(line)
 
 
 def numbers_equal(pred: float | int | None, gold: float | int, tol: float = 1e-4) -> bool:
@@ -97,6 +149,7 @@ class Extractor:
 # A task names its extractor and metric (fusionlab.tasks.TaskDef); a new kind of answer is one entry here.
 EXTRACTORS: dict[str, Extractor] = {
     "number": Extractor(extract_number, numbers_equal),
+    "equation": Extractor(extract_equation, numbers_equal),
     "choice": Extractor(extract_choice, choice_equal),
     "short_answer": Extractor(qa_prediction, exact_match),
     "first_line": Extractor(first_line, exact_match),

@@ -221,10 +221,10 @@ def output_embeddings_rows(model) -> int:
 def test_align_method_options_are_typed_at_compose(compose):
     from fusionlab.schema import validate
 
-    cfg = compose(["+experiment=eva_addsub"])
+    cfg = compose(["+experiment=eva_addsub", "align_method.aux_vocab_cutoff=16384"])
     assert type(validate(cfg).align_method).__name__ == "VecmapCslsOptions"
-    assert cfg.align_method.aux_vocab_cutoff == 16384 and cfg.align_method.k == 10  # experiment value + code default
-    assert validate(compose(["+experiment=eva_addsub", "align_method=exact"])).align_method.aux_vocab_cutoff == 16384
+    assert cfg.align_method.aux_vocab_cutoff == 16384 and cfg.align_method.k == 10  # override + code default
+    assert validate(compose(["+align_method=exact"])).align_method.aux_vocab_cutoff is None  # default: all ids
     from fusionlab.schema import config_error_message
 
     for overrides, named in [(["align_method.k=abc"], "'abc' of type 'str' could not be converted to Integer"),
@@ -240,3 +240,114 @@ def test_align_method_options_are_typed_at_compose(compose):
                        ("+align_method.kk=3", r"\['kk'\] in align_method")]:
         with pytest.raises(FusionlabError, match=match):
             validate(compose(["+experiment=eva_addsub", bad]))
+
+
+def _dense_csls(x, z, rows, targets, k, neighborhood):
+    """float64 CSLS over the full score matrix (small sizes only): the definition, written plainly."""
+    x, z = x.double(), z.double()
+    x, z = x / x.norm(dim=1, keepdim=True), z / z.norm(dim=1, keepdim=True)
+    sim = x[rows] @ z[targets].T
+    r = sim.topk(neighborhood, dim=0).values.mean(dim=0)
+    v, c = (2 * sim - r).topk(k, dim=1)
+    return v, targets[c]
+
+
+@pytest.mark.parametrize("neighborhood", [1, 3])
+def test_csls_bfloat16_search_gives_the_exact_float64_top_k(neighborhood):
+    g = torch.Generator().manual_seed(3)
+    x, z = torch.randn(1500, 48, generator=g), torch.randn(900, 48, generator=g)
+    rows = torch.arange(0, 1500, 3)[1:]  # a subset of source rows (specials left out), r(j) over them only
+    excluded = torch.tensor([0, 5, 899])
+    targets = torch.tensor([j for j in range(900) if j not in excluded.tolist()])
+    ref_v, ref_c = _dense_csls(x, z, rows, targets, 5, neighborhood)
+    for dtype in ("bfloat16", "float32"):
+        cols, vals, top1 = csls_topk(x, z, k=5, neighborhood=neighborhood, threshold=-1e9, std_filter=None,
+                                     excluded_cols=excluded, rows=rows, block=128, search_dtype=dtype)
+        assert torch.equal(cols[rows], ref_c), dtype
+        assert torch.allclose(vals[rows].double(), ref_v, atol=1e-5), dtype
+        assert torch.equal(top1[rows], ref_c[:, 0]) and bool((cols[[0, 1, 2]] == -1).all())  # rows not computed
+
+
+def _tied_pair(words: int = 40, padding: int = 8, dim: int = 16):
+    """Aux and main "models" over the same words, main a rotated noised copy of aux, and main's lm_head
+    with ``padding`` rows past its tokenizer that copy real rows (so they tie with them exactly)."""
+    g = torch.Generator().manual_seed(4)
+    vocab = ["[u]", *[f"w{i}" for i in range(words - 1)]]
+    tok = _word_tokenizer(vocab)
+    aux, main = _Head(words), _Head(words + padding)
+    x = torch.randn(words, dim, generator=g)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
+    z = x @ q + 0.01 * torch.randn(words, dim, generator=g)
+    aux.head.weight = torch.nn.Parameter(x)
+    main.head.weight = torch.nn.Parameter(torch.cat([z, z[1:1 + padding]]))
+    return aux, main, tok
+
+
+def test_vecmap_csls_never_targets_main_rows_past_the_tokenizer():
+    aux, main, tok = _tied_pair()
+    a = align(aux, tok, main, tok, "vecmap_csls", holdout=0.0)
+    assert a.main_vocab == 48 and int(a.cols.max()) < len(tok)  # padding rows 40..47 are never targets
+    assert (a.cols[1:, 0] == torch.arange(1, 40)).all()  # each word still finds itself
+
+
+def test_p_at_1_is_measured_on_the_whole_seed_dictionary(tiny_pair):
+    from fusionlab.align.vocab import seed_dictionary, split_seed
+
+    (m, t), (g, gt) = tiny_pair
+    pairs = seed_dictionary(gt, t, "normalized", g.get_output_embeddings().weight.shape[0],
+                            m.get_output_embeddings().weight.shape[0])
+    _, test = split_seed(pairs, 0.1, 0)
+    inside = float((test[:, 0] < 2000).float().mean())
+    a = align(g, gt, m, t, "vecmap_csls", aux_vocab_cutoff=2000)
+    # pairs past the cutoff are held out too and count as misses: P@1 can never exceed their complement
+    assert a.stats["test_pairs"] == len(test) and a.stats["seed_pairs"] == len(pairs)
+    assert inside < 0.2 and a.stats["p_at_1"] <= inside
+    assert a.stats["p_at_1"] == pytest.approx(a.stats["p_at_1_inside_cutoff"] * inside, abs=1e-6)
+
+
+def test_cache_key_hashes_the_effective_options(tmp_path):
+    from fusionlab.align.methods import align_options, effective_key_params
+
+    aux, main, tok = _tied_pair()
+    key = align(aux, tok, main, tok, "exact", cache_dir=tmp_path).key
+    # a cutoff at or past the aux vocabulary is no cutoff: the same alignment, the same cache file
+    assert align(aux, tok, main, tok, "exact", aux_vocab_cutoff=40, cache_dir=tmp_path).key == key
+    assert align(aux, tok, main, tok, "exact", aux_vocab_cutoff=39, cache_dir=tmp_path).key != key
+    # the YAML's std_filter (floats, via OmegaConf) and the signature's default (5, 0.01) are one option value
+    assert (effective_key_params(align_options("vecmap_csls", std_filter=[5.0, 0.01]), 100)
+            == effective_key_params(align_options("vecmap_csls"), 100))
+    # how the search runs is no part of the key
+    assert (effective_key_params(align_options("vecmap_csls", search_dtype="float32", block=7), 100)
+            == effective_key_params(align_options("vecmap_csls"), 100))
+
+
+def test_composed_default_options_share_the_python_api_cache_entry(compose):
+    from fusionlab.align.methods import align_options, effective_key_params
+    from fusionlab.schema import validate
+
+    composed = validate(compose(["+align_method=vecmap_csls"])).align_method
+    assert composed.aux_vocab_cutoff is None  # the default is the whole aux vocabulary
+    assert effective_key_params(composed, 262144) == effective_key_params(align_options("vecmap_csls"), 262144)
+
+
+def test_build_uses_the_usable_cores_and_restores_threads(tmp_path):
+    from fusionlab.align.methods import ALIGN_METHODS, align_method
+    from fusionlab.align.vecmap import usable_cores
+
+    seen = []
+
+    def counting(aux_model, aux_tok, main_model, main_tok, *, seed_mode: str) -> Alignment:
+        seen.append(torch.get_num_threads())
+        n = output_embeddings_rows(aux_model)
+        return Alignment(torch.arange(n)[:, None], torch.ones(n, 1), n, "counting", {"p_at_1": 1.0})
+
+    saved = torch.get_num_threads()
+    try:
+        align_method(counting)
+        torch.set_num_threads(1)
+        tok = _word_tokenizer(["[u]", "a", "b"])
+        align(_Head(3), tok, _Head(3), tok, "counting")
+        assert seen == [usable_cores()] and torch.get_num_threads() == 1
+    finally:
+        ALIGN_METHODS.pop("counting", None)
+        torch.set_num_threads(saved)

@@ -6,8 +6,10 @@ import json
 import pytest
 
 from fusionlab.errors import FusionlabError
-from fusionlab.tasks import TASKS, build_messages, demo_answer, few_shot_examples, load_examples, score
-from fusionlab.tasks.scoring import bleu, exact_match, extract_choice, extract_number, normalize_text
+from fusionlab.tasks import (TASKS, TaskConfig, build_messages, demo_answer, few_shot_examples, load_examples, score,
+                             task_inputs)
+from fusionlab.tasks.scoring import (bleu, calculate, exact_match, extract_choice, extract_equation, extract_number,
+                                     normalize_text)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -15,7 +17,7 @@ from fusionlab.tasks.scoring import bleu, exact_match, extract_choice, extract_n
     ("The answer is 1,234 apples", 1234),
     ("First 3, then 5. The answer is -7.", -7),
     ("the answer is 9.43 dollars", 9.43),
-    ("The answer is 5. Wait, the answer is 6.", 6),  # the last trigger wins
+    ("The answer is 5. Wait, the answer is 6.", 5),  # EVA's rule: the first trigger (was the last: a bug)
     ("We had 12 then 15 left", 15),  # no trigger: last number
     ("numbers 1,2,3", 3),  # commas that do not group thousands separate numbers
     ("It costs $0.5 each", 0.5),
@@ -159,7 +161,7 @@ def test_no_behaviour_depends_on_a_task_name(name):
     from fusionlab.tasks import extract_answer
 
     copy = dataclasses.replace(TASKS[name], name="renamed")
-    gold = {"number": 3, "choice": "B"}.get(TASKS[name].extractor, ["Paris"])
+    gold = {"number": 3, "equation": 3, "choice": "B"}.get(TASKS[name].extractor, ["Paris"])
     ex = {"id": 0, "question": "Q?", "answer": gold, "choices": {"A": "x", "B": "y"}, "solution": "Step. #### 3"}
     assert build_messages(copy, ex, [ex]) == build_messages(name, ex, [ex])
     outputs = ["The answer is (B). So 3", "Paris\nmore"]
@@ -174,3 +176,77 @@ def test_bad_records_and_missing_fields_are_named():
         TaskDef("x", **{**MATH, "extractor": "numbr"})
     with pytest.raises(FusionlabError, match="'choices'"):
         build_messages("commonsenseqa", {"id": 7, "question": "Q?", "answer": "A"})
+
+
+def test_number_extraction_follows_eva_first_trigger_rule():
+    # EVA scores the first number after the first "the answer is"; later restatements do not count
+    assert extract_number("The answer is 28. Step\nThe answer is N = 30") == 28
+    assert extract_number("Step 1: 3 + 4 = 7. The answer is 7 apples, so 9 in all") == 7
+
+
+@pytest.mark.parametrize("text,expected", [
+    (" 70 - 27", 43),
+    ("X = 70 - 27", 43),  # the reply may repeat the prefix
+    (" 70 - 27 = 44", 43),  # the calculator's value, not the model's (wrong) arithmetic
+    (" ( 3 + 5 ) * 2.", 16),
+    (" 1,000 - 1", 999),
+    (" 9 / 4", 2.25),
+    (" 4.1 - 2.4\nX = 5", pytest.approx(1.7)),  # the first line only
+    (" 43 apples", 43),  # not an expression: the number on the line
+    ("", None),
+])
+def test_extract_equation(text, expected):
+    assert extract_equation(text) == expected
+
+
+@pytest.mark.parametrize("expression", ["__import__('os').system('true')", "x + 1", "2 ** 8", "max(1, 2)",
+                                        "1 if 1 else 2", "5 / 0", "[1, 2]", "'3' + '4'", "1e308 * 10"])
+def test_calculator_refuses_everything_but_arithmetic(expression):
+    assert calculate(expression) is None
+
+
+def test_equation_demonstrations_from_each_annotation_style():
+    assert demo_answer("addsub_eq", {"equation": "X = 70 - 27", "answer": 43}) == "X = 70 - 27"
+    assert demo_answer("addsub_eq", {"equation": "74 + X = 86", "answer": 12}) == "X = 86 - 74"  # solved for X
+    assert demo_answer("addsub_eq", {"equation": "X - 9 = 4", "answer": 13}) == "X = 4 + 9"
+    assert demo_answer("svamp_eq", {"equation": "( 76.0 - 25.0 )", "answer": 51}) == "X = ( 76 - 25 )"
+    asdiv = load_examples("asdiv_eq", limit=1)[0]  # ASDiv's formula "7+2=9" is read as the equation field
+    assert demo_answer("asdiv_eq", asdiv) == "X = 7+2"
+    # an annotation that is no expression, or evaluates to another number, shows the answer instead
+    assert demo_answer("asdiv_eq", {"equation": "x:The number; 3x-5=10", "answer": 5}) == "X = 5"
+    assert demo_answer("addsub_eq", {"equation": "X = 2 + 2", "answer": 5}) == "X = 5"
+    msgs, prefix = build_messages("addsub_eq", {"question": "Q?"}, [{"question": "D?", "equation": "X = 1 + 1",
+                                                                     "answer": 2}])
+    assert [m["content"] for m in msgs] == ["D?", "X = 1 + 1", "Q?"] and prefix == "X ="
+    metrics, correct = score("addsub_eq", [" 70 - 27", " 70 + 27", "X = 3 * 3 = 10"], [
+        {"id": 0, "question": "q", "answer": 43}, {"id": 1, "question": "q", "answer": 43},
+        {"id": 2, "question": "q", "answer": 9}])
+    assert correct == [True, False, True] and metrics["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_dev_test_split_is_seeded_disjoint_and_keeps_demonstrations_out():
+    def ids(xs):
+        return [x["id"] for x in xs]
+
+    test = task_inputs(TaskConfig(name="addsub_eq", split="test", n_shot=4, dev_size=60))
+    dev = task_inputs(TaskConfig(name="addsub_eq", split="dev", n_shot=4, dev_size=60))
+    assert len(test.examples) == 395 - 60 and len(dev.examples) == 60 - 4
+    assert ids(test.shots) == ids(dev.shots) and ids(test.dev) == ids(dev.examples)  # one split, seen from both sides
+    everything = set(ids(test.examples)) | set(ids(dev.examples)) | set(ids(test.shots))
+    assert len(everything) == 395  # disjoint parts that cover the data
+    assert not set(ids(test.shots)) & (set(ids(test.examples)) | set(ids(dev.examples)))
+    assert ids(task_inputs(TaskConfig(name="addsub_eq", split="test", n_shot=4, limit=5)).examples) == ids(test.examples)[:5]
+    other = task_inputs(TaskConfig(name="addsub_eq", split="test", n_shot=4, seed=1))
+    assert set(ids(other.examples)) != set(ids(test.examples))  # the seed picks the split
+    assert ids(test.examples) != sorted(ids(test.examples))  # a permutation, not the file order
+    everything = task_inputs(TaskConfig(name="addsub", limit=3))  # split=all: as before
+    assert ids(everything.examples) == [1, 2, 3] and everything.dev == []
+
+
+def test_split_options_are_checked():
+    with pytest.raises(FusionlabError, match="task.split='train' is not one of"):
+        TaskConfig(split="train")
+    with pytest.raises(FusionlabError, match="task.dev_size=4 leaves no dev example"):
+        TaskConfig(split="test", n_shot=4, dev_size=4)
+    with pytest.raises(FusionlabError, match="task.dev_size=395 leaves no test examples"):
+        task_inputs(TaskConfig(name="addsub_eq", split="test", dev_size=395))

@@ -65,7 +65,7 @@ def test_shipped_data_path_resolves_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative to the checkout when not relative to the cwd
     from fusionlab.distill.conversations import find_conversations, load_conversations
 
-    assert find_conversations(DataConfig().path) == REPO / "fusionlab" / "data" / "chat" / "fusechat_mini.jsonl"
+    assert find_conversations(DataConfig().path) == REPO / "fusionlab" / "data" / "chat" / "alpaca_gpt4_500.jsonl"
     assert len(load_conversations(DataConfig().path, limit=3)) == 3
 
 
@@ -97,10 +97,14 @@ def test_pairwise_target_settings(tmp_path):
     tc = target_config(dc, "a", target, tmp_path / "a")
     assert tc.pairwise_source == "s" and tc.data.max_length == 64 and tc.export_model is True
     assert tc.cache_dir == str(tmp_path / "cache" / "a")  # one data set per cache dir
-    rows = (tmp_path / "a" / "conversations.jsonl").read_text().splitlines()
-    shipped = (REPO / DataConfig().path).read_text().splitlines()
-    assert [json.loads(r) for r in rows] == [json.loads(r) for r in shipped[2:5]]
-    assert tc.data.path == str(tmp_path / "a" / "conversations.jsonl") and tc.data.limit is None
+    # rows index the TRAINING conversations (the held-out split is the same for every target)
+    assert tc.data.path == dc.data.path and (tc.data.start, tc.data.limit) == (2, 3)
+    from fusionlab.distill.conversations import load_conversations, split_conversations
+
+    train, heldout, _ = split_conversations(load_conversations(dc.data.path), dc.data.heldout)
+    picked = tc.data.train_slice(train)
+    assert [c["id"] for c in picked] == [c["id"] for c in train[2:5]]
+    assert not {c["id"] for c in picked} & {c["id"] for c in heldout}
     with pytest.raises(FusionlabError, match=r"fusechat_merge\.pairwise\.a\.distill\.lamda"):
         target_config(dc, "a", PairwiseTarget(distill={"lamda": 0.5}), tmp_path / "a")
     with pytest.raises(FusionlabError, match=r"fusechat_merge\.pairwise\.a\.distill\.data\.pth"):
@@ -108,7 +112,7 @@ def test_pairwise_target_settings(tmp_path):
     with pytest.raises(FusionlabError, match="lam=2"):  # values are checked again
         target_config(dc, "a", PairwiseTarget(distill={"lam": 2}), tmp_path / "a")
     with pytest.raises(FusionlabError, match="selects no conversation"):
-        target_config(dc, "a", PairwiseTarget(rows=[500, 600]), tmp_path / "a")
+        target_config(dc, "a", PairwiseTarget(rows=[6, 6]), tmp_path / "a")
 
 
 @pytest.mark.parametrize("override,named", [

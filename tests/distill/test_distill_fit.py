@@ -93,6 +93,19 @@ def test_resumed_run_continues_with_the_same_losses(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_resume_from_an_epoch_boundary_continues_with_the_same_losses(tmp_path):
+    """A checkpoint written at the last batch of an epoch (4 steps of 2 of the 8 records) used to resume one
+    epoch too far (its sample count was applied to the next epoch, which then came out empty)."""
+    full, m_full = fit(tmp_path / "a", max_steps=6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(tmp_path / "b", max_steps=6, every=4, crash_at=4)
+    resumed, m_res = fit(tmp_path / "b", max_steps=6, every=4, ckpt=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert sorted(resumed) == [5, 6]
+    assert [resumed[5], resumed[6]] == pytest.approx([full[5], full[6]], rel=1e-5, abs=1e-6)
+    for p, q in zip(m_full.parameters(), m_res.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_resume_from_mismatched_checkpoint_is_a_clear_error(tmp_path):
     fit(tmp_path / "a", max_steps=1, every=1)
     with pytest.raises(FusionlabError, match="different model"):

@@ -2,6 +2,7 @@
 equivalence, parallel members, text synchronisation, the member-vs-ensemble evaluation."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -14,7 +15,10 @@ from fusionlab.align.vocab import token_bytes
 from fusionlab.ensemble import (CANDIDATES, COMBINERS, GATES, EvaDecoder, Member, Projection, TextSync, complete_utf8,
                                 confidence, drop_filter, evaluate_ensemble, linear_sum, uniform)
 from fusionlab.ensemble.candidates import union
+from fusionlab.ensemble.config import DecodingOptions
+from fusionlab.ensemble.evaluation import check_compatibility, decode_members
 from fusionlab.metrics.stats import wilson_interval
+from fusionlab.tasks import TASKS, load_examples
 
 PROMPTS = ["Hello there, how", "The answer is", "A much longer prompt with many words in it to pad"]
 
@@ -180,6 +184,46 @@ def exact_alignment(tiny_pair):
     return align(g, gt, m, t, "exact")
 
 
+def test_compatibility_check_names_the_member_likely_to_hurt(tiny_pair, exact_alignment, caplog):
+    """Gold answers = the main model's own replies: the main scores 1, the (different) aux model far
+    less, so the check warns by name; metrics and the final table carry it."""
+    (m, t), (g, gt) = tiny_pair
+    members, alignment = [Member("main", m, t, True), Member("aux", g, gt, False)], exact_alignment
+    echo = dataclasses.replace(TASKS["nq"], name="echo", answer="as_is")
+    examples = [{"id": i, "question": q, "answer": None} for i, q in enumerate(["Hello", "Name a colour", "Two plus"])]
+    options = DecodingOptions(topk=20)
+    mains = decode_members(members[:1], echo, examples, options, 4)["main"].texts
+    examples = [{**ex, "answer": [text.strip().split("\n")[0] or "-"]} for ex, text in zip(examples, mains)]
+    metrics, warnings = check_compatibility(members, [alignment], echo, examples, options, 4)
+    assert metrics["compat_main_warmup_exact_match"] == 1.0
+    assert metrics["compat_aux_warmup_exact_match"] < 0.9
+    assert metrics["compat_aux_likely_hurts"] is True
+    assert any(w.startswith("aux: far weaker than the main model main") for w in warnings)
+    assert any("Compatibility: aux: far weaker" in msg for msg in caplog.messages)
+    covered = alignment.cols[alignment.cols >= 0].unique().numel() / alignment.main_vocab
+    assert 0 < metrics["compat_aux_main_coverage"] == pytest.approx(covered, abs=1e-4)
+    assert metrics["compat_aux_p_at_1"] == alignment.stats["p_at_1"]
+    # no warm-up examples: only the alignment part, and a well aligned identity pair gives no warning
+    quiet, none = check_compatibility(members[:1] * 2, [alignment.identity(alignment.main_vocab)], echo, [], options, 4)
+    assert none == [] and quiet["compat_main_likely_hurts"] is False and quiet["compat_main_main_coverage"] == 1.0
+
+
+def test_member_runs_are_reused_not_decoded_again(tiny_pair, exact_alignment):
+    (m, t), (g, gt) = tiny_pair
+    members, alignment = [Member("main", m, t, True), Member("aux", g, gt, False)], exact_alignment
+    examples = load_examples("addsub_eq", limit=3)
+    options = DecodingOptions(topk=20)
+    fresh = evaluate_ensemble(members, [alignment], "addsub_eq", examples, options, 4, bootstrap_samples=200)
+    runs = decode_members(members, "addsub_eq", examples, options, 4)
+    seen = []
+    reused = evaluate_ensemble(members, [alignment], "addsub_eq", examples, options, 4, bootstrap_samples=200,
+                               member_runs=runs, on_batch=lambda tag, out: seen.append(tag))
+    assert seen == ["ensemble"]  # only the ensemble was decoded
+    assert reused.rows == fresh.rows and reused.systems == ["main", "aux", "ensemble"]
+    for key in ("main_accuracy", "aux_accuracy", "ensemble_accuracy", "ensemble_minus_best_accuracy_ci_low"):
+        assert reused.metrics[key] == fresh.metrics[key]
+
+
 @pytest.mark.parametrize("sync", ["auto", "text"])
 def test_cached_equals_uncached(tiny_pair, exact_alignment, sync):
     (m, t), (g, gt) = tiny_pair
@@ -237,17 +281,55 @@ def test_complete_utf8():
 @pytest.mark.slow
 def test_cli_eva_addsub(tmp_path):
     cmd = [sys.executable, "-m", "fusionlab.run", "+experiment=eva_addsub", "task.limit=2", "generation.max_new_tokens=8",
-           "align_method.aux_vocab_cutoff=4096",  # a 4x cheaper first build than the experiment's 16384
-           "logger=none", f"hydra.run.dir={tmp_path}"]
+           "align_method.aux_vocab_cutoff=4096",  # a cheap first build (the experiment aligns all 262k ids)
+           "ensemble.warmup=2", "logger=none", f"hydra.run.dir={tmp_path}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("ensemble_accuracy", "smollm2_135m_accuracy", "gemma3_270m_accuracy", "align_gemma3_270m_p_at_1",
                 "ensemble_filter_kept_2_frac", "ensemble_tokens_per_s", "ensemble_speed_vs_members",
                 "ensemble_step_vs_slowest", "ensemble_gate_fired_frac", "ensemble_gemma3_270m_unmapped_mass",
-                "smollm2_135m_accuracy_ci_high", "ensemble_accuracy_ci_low", "ensemble_minus_best_accuracy_ci_low"):
+                "smollm2_135m_accuracy_ci_high", "ensemble_accuracy_ci_low", "ensemble_minus_best_accuracy_ci_low",
+                "compat_gemma3_270m_p_at_1", "compat_gemma3_270m_main_coverage", "compat_gemma3_270m_warmup_accuracy",
+                "compat_smollm2_135m_warmup_accuracy", "compat_gemma3_270m_likely_hurts"):
         assert key in metrics, key
     assert metrics["ensemble_gate_fired_frac"] == 1.0  # the default gate (always) never skips a step
     assert "ensemble - best member" in res.stderr + res.stdout  # the comparison table at the end
-    assert metrics["align_gemma3_270m_p_at_1"] > 0.5
+    assert "compatibility gemma3_270m: P@1" in res.stderr + res.stdout
+    assert metrics["align_gemma3_270m_p_at_1_inside_cutoff"] > 0.5  # P@1 over the whole seed dictionary counts
+    assert metrics["align_gemma3_270m_p_at_1"] < 0.5  # the pairs past the cheap cutoff as misses
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 2
+
+
+def _repeats_a_line(text: str, times: int = 3) -> bool:
+    """Whether some non-empty line occurs ``times`` times in a row (the "Step\\nStep\\nStep" degeneration)."""
+    lines = [line.strip() for line in text.split("\n")]
+    return any(lines[i] and len(set(lines[i:i + times])) == 1 for i in range(len(lines) - times + 1))
+
+
+def test_repeats_a_line():
+    assert _repeats_a_line("Step 1\nThe answer is N = 28\nStep\nStep\nStep\nStep")
+    assert not _repeats_a_line("Step 1\nStep 2\nStep 3\n\n\n")
+
+
+@pytest.mark.slow
+def test_ensemble_no_longer_degenerates_where_members_do_not():
+    """Issue 11's regression on the real pair: the old headline (AddSub, chain of thought, 48 tokens) gave
+    "Step 1\\nThe answer is N = 28\\nStep\\nStep..." with Gemma's vocabulary cut at 16,384 ids (its digits,
+    space and punctuation all lie above: they projected nowhere and the drop filter removed the main model).
+    With the whole vocabulary aligned (the default), no ensemble output repeats a line where no member does."""
+    from fusionlab.models import ModelSpec, cache_dir, load_model
+
+    specs = [ModelSpec(name="smollm2_135m", source="embedded", path="smollm2_135m"),
+             ModelSpec(name="gemma3_270m", source="embedded", path="gemma3_270m", use_chat_template=False)]
+    loaded = [load_model(s) for s in specs]
+    from fusionlab.ensemble import align_members
+
+    alignments = align_members(loaded[0], loaded[1:], "vecmap_csls", {}, cache_dir() / "align")
+    members = [Member(s.name, m, t, s.use_chat_template) for s, (m, t) in zip(specs, loaded)]
+    report = evaluate_ensemble(members, alignments, "addsub", load_examples("addsub", limit=4),
+                               DecodingOptions(), 48, batch_size=4, bootstrap_samples=100)
+    for row in report.rows:
+        if not any(_repeats_a_line(row[f"{s.name}_output"]) for s in specs):
+            assert not _repeats_a_line(row["ensemble_output"]), row["ensemble_output"]
+    assert report.metrics["ensemble_gemma3_270m_unmapped_mass"] < 0.1  # Gemma's votes land in the main vocabulary

@@ -70,7 +70,12 @@ def test_threads_never_oversubscribe_the_cores():
 @pytest.mark.parametrize("override,named", [("ensemble.combiner=nosuch", "ensemble.combiner='nosuch'"),
                                             ("ensemble.topk=0", "ensemble.topk=0"),
                                             ("ensemble.drop=-1", "ensemble.drop=-1"),
-                                            ("ensemble.gate=confidence ensemble.gate_threshold=2", "gate_threshold=2.0")])
+                                            ("ensemble.gate=confidence ensemble.gate_threshold=2", "gate_threshold=2.0"),
+                                            ("ensemble.weights_from=dev_score", "ensemble.combiner=linear_sum"),
+                                            ("task.split=sometimes", "task.split='sometimes'"),
+                                            # dev scores need a dev part that is never reported: checked at job start
+                                            ("ensemble.combiner=linear_sum ensemble.weights_from=dev_score task.split=all",
+                                             "task.split='all' leaves 0")])
 def test_cli_refuses_bad_values_before_loading_a_model(tmp_path, override, named):
     cache = tmp_path / "cache"  # an empty model cache: loading a model would convert it into here
     cache.mkdir()

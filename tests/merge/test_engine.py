@@ -136,7 +136,7 @@ def test_plan_is_typed_and_reads_no_tensor(tmp_path, family):
 def test_a_bad_value_in_a_filter_list_fails_at_plan_time(tmp_path, family):
     out = tmp_path / "out"
     params = {"rescale": True, "rescale_norm": [{"filter": "mlp", "value": "l3"}, {"value": "l1"}]}
-    with pytest.raises(FusionlabError, match=r"'rescale_norm' = 'l3' .*mlp.* must be one of"):
+    with pytest.raises(FusionlabError, match=r"'rescale_norm' = 'l3' .* must be one of .*at 9 tensors: 'model.layers.0.mlp"):
         merge(cfg(out, "ties", base=str(family["base"]), parameters=params,
                   models=[{"model": str(family["m0"]), "parameters": {"weight": 1.0}}]))
     _assert_nothing_written(out)
@@ -150,13 +150,17 @@ def test_existing_output_is_kept_unless_overwrite(tmp_path, family):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    c = cfg(out, "task_arithmetic", base=str(family["base"]), models=[str(family["m0"])], parameters={"weight": 1.0})
-    with pytest.raises(FileExistsError):
-        merge(c)
+    kw = dict(base=str(family["base"]), models=[str(family["m0"])], parameters={"weight": 1.0})
+    with pytest.raises((FileExistsError, FusionlabError), match="exists"):
+        merge(cfg(out, "task_arithmetic", **kw))
+    with pytest.raises(FusionlabError, match="not written by fusionlab"):  # a directory fusionlab did not write
+        merge(cfg(out, "task_arithmetic", overwrite=True, **kw))
     assert (out / "keep.txt").exists()
-    c.overwrite = True
-    merge(c)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    mine = tmp_path / "mine"
+    merge(cfg(mine, "task_arithmetic", **kw))
+    (mine / "stale.txt").write_text("x")
+    merge(cfg(mine, "task_arithmetic", overwrite=True, **kw))  # our own output: replaced
+    assert not (mine / "stale.txt").exists() and (mine / "model.safetensors").exists()
 
 
 def test_tied_lm_head_uses_embedding(tmp_path, family):
@@ -189,7 +193,10 @@ dtype: float32
     merge(c)
     assert (tmp_path / "out" / "model.safetensors").exists()
     y.write_text("merge_method: ties\nslices: [{sources: []}]\n")
-    with pytest.raises(FusionlabError, match="slices"):
+    with pytest.raises(FusionlabError, match="slice has no sources"):
+        load_mergekit_config(y, tmp_path / "out2")
+    y.write_text("merge_method: ties\nmodules: {text: {}}\nmodels: [{model: x}]\n")
+    with pytest.raises(FusionlabError, match="'modules'"):
         load_mergekit_config(y, tmp_path / "out2")
 
 

@@ -8,7 +8,9 @@ from .conftest import load_dir
 
 TINY = ["model=tiny_llama", "model@distill.sources.gemma3_270m=tiny_gemma", "logger=csv",
         "distill.data.max_length=48", "distill.shard_size=4", "trainer.max_steps=1",
-        "trainer.enable_progress_bar=false", "merge.progress=false", "fusechat_merge.eval.max_length=32",
+        "trainer.enable_progress_bar=false", "merge.progress=false", "distill.data.heldout=6",
+        "distill.eval.task_limit=2",
+        "distill.mapping.min_vocab_coverage=0",  # random tiny models: their top-k ids are noise
         "fusechat_merge.pairwise.half_a.rows=[0,3]", "fusechat_merge.pairwise.half_b.rows=[3,6]"]
 
 
@@ -26,11 +28,18 @@ def test_fusechat_merge_makes_targets_then_sce_merges_them(compose, tmp_path):
         sub = out / "pairwise" / name
         assert (sub / "model" / "config.json").exists() and (sub / "checkpoints" / "last.ckpt").exists()
         assert m[f"pairwise/{name}/fit/steps"] == 1
-        assert len((sub / "conversations.jsonl").read_text().splitlines()) == 3  # its half of the rows
+        split = __import__("json").loads((sub / "split.json").read_text())
+        assert len(split["train"]) == 3 and not set(split["train"]) & set(split["heldout"])  # its half of the rows
         assert (sub / "merged" / "step000001" / "config.json").exists()  # the chat_vector callback ran inside
         assert (tmp_path / "cache" / name / "pivot" / "done.json").exists()  # a cache dir per target
-    for label in ("pivot", "half_a", "half_b", "merged"):
-        assert m[f"ppl_mean/{label}"] > 1
+    for label in ("pivot", "half_a", "half_b", "merged"):  # FuseChat's table: all on the same held-out set
+        assert m[f"heldout/ce/{label}_low"] <= m[f"heldout/ce/{label}"] <= m[f"heldout/ce/{label}_high"]
+        assert 0 <= m[f"heldout/accuracy/{label}"] <= 1
+    d = m["heldout/ce_diff/merged_minus_pivot"]
+    assert d == pytest.approx(m["heldout/ce/merged"] - m["heldout/ce/pivot"])  # paired: same conversations
+    assert "heldout/ce_diff/merged_minus_half_a" in m and "heldout/ce_diff/half_b_minus_pivot" in m
+    # each target's own distill run scored it on the same held-out conversations as the final table
+    assert m["pairwise/half_a/heldout/ce/fused"] == pytest.approx(m["heldout/ce/half_a"], rel=1e-5)
     # the merge is SCE(base = pivot, targets), tensor by tensor
     pivot, a, b, merged = (load_dir(out / "pivot"), load_dir(out / "pairwise" / "half_a" / "model"),
                            load_dir(out / "pairwise" / "half_b" / "model"), load_dir(out / "merged"))

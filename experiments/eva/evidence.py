@@ -1,0 +1,193 @@
+"""Evidence table for issue 11: each member alone vs EVA, union top-k (UniTE) and the confidence gate
+(GaC/SAFE) on the embedded pair (SmolLM2-135M-Instruct main + Gemma-3-270M aux), on the test part of
+each task's seeded dev/test split, with 95% intervals and the paired difference to the best member.
+
+Every system decodes the same examples in chunks; each chunk's outputs are appended to
+``--out/<task>/<system>.jsonl`` as soon as they exist, and a rerun skips what is there, so an
+unfinished run still yields numbers (the report uses the chunks that every system of a task finished).
+Members alone are decoded once and reused by every ensemble variant (``member_runs``). The schedule
+goes round-robin over the tasks, one chunk each, so every task gets numbers early.
+
+    PYTHONPATH=. python experiments/eva/evidence.py run      # (nohup ... &) decode, appending to experiments/eva/evidence/
+    PYTHONPATH=. python experiments/eva/evidence.py report   # the markdown table (+ evidence.json) from what exists
+
+Settings are not tuned on the reported examples: prompts (4-shot equation format) were chosen on the dev
+part of AddSub; the ensemble settings are the papers' (EVA: top-k 320, drop 3 for math / 40 for
+generation; UniTE: k = 10, no filter; GaC: gate threshold 0.5).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fusionlab.ensemble import DecodingOptions, Member, align_members, evaluate_ensemble
+from fusionlab.ensemble.evaluation import Run, decode_members
+from fusionlab.metrics.stats import paired_bootstrap, wilson_interval
+from fusionlab.models import ModelSpec, cache_dir, load_model
+from fusionlab.tasks import TaskConfig, get_task, score, task_inputs
+
+OUT = Path(__file__).resolve().parent / "evidence"
+MAIN = ModelSpec(name="smollm2_135m", source="embedded", path="smollm2_135m")
+AUX = ModelSpec(name="gemma3_270m", source="embedded", path="gemma3_270m", use_chat_template=False)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One task of the table: which examples, how many new tokens, the drop filter of EVA's paper setting."""
+
+    task: str
+    n: int  # test examples (first n of the seeded test part)
+    n_shot: int
+    drop: int  # EVA: 3 for math and choice, 40 for generation
+    max_new_tokens: int | None = None  # None: the task's own
+    chunk: int = 40
+
+
+PLANS = [Plan("addsub_eq", 200, 4, 3), Plan("svamp_eq", 160, 4, 3), Plan("asdiv_eq", 120, 4, 3),
+         Plan("commonsenseqa_direct", 120, 4, 3), Plan("e2e", 40, 2, 40, chunk=20),
+         Plan("gsm8k", 16, 4, 3, max_new_tokens=160, chunk=8)]
+
+
+def variants(plan: Plan) -> dict[str, DecodingOptions]:
+    return {"eva": DecodingOptions(topk=320, drop=plan.drop, threads=1),
+            "union": DecodingOptions(candidates="union", topk=10, drop=None, threads=1),
+            "gate": DecodingOptions(topk=320, drop=plan.drop, gate="confidence", gate_threshold=0.5, threads=1)}
+
+
+def examples_of(plan: Plan):
+    inputs = task_inputs(TaskConfig(name=plan.task, split="test", n_shot=plan.n_shot, limit=plan.n))
+    return inputs.examples, inputs.shots
+
+
+def done_chunks(path: Path) -> dict[int, dict]:
+    if not path.is_file():
+        return {}
+    return {row["chunk"]: row for row in map(json.loads, path.read_text().splitlines())}
+
+
+def append(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def run(out: Path, first_members: int = 0) -> None:
+    torch.set_num_threads(1)
+    loaded = {s.name: load_model(s) for s in (MAIN, AUX)}
+    members = [Member(s.name, *loaded[s.name], s.use_chat_template) for s in (MAIN, AUX)]
+    alignments = None
+    schedule = [(plan, i) for i in range(max(-(-p.n // p.chunk) for p in PLANS)) for plan in PLANS
+                if i * plan.chunk < plan.n]
+    first = [(plan, 0) for plan in PLANS[:first_members]]  # members alone need no alignment: may go first
+    for k, (plan, i) in enumerate(first + schedule):
+        examples, shots = examples_of(plan)
+        chunk = examples[i * plan.chunk:(i + 1) * plan.chunk]
+        ids = [ex["id"] for ex in chunk]
+        new_tokens = plan.max_new_tokens or get_task(plan.task).max_new_tokens
+        member_runs = {}
+        for m in members:
+            path = out / plan.task / f"{m.name}.jsonl"
+            row = done_chunks(path).get(i)
+            if row is None:
+                r = decode_members([m], plan.task, chunk, DecodingOptions(threads=1), new_tokens, shots=shots,
+                                   n_models=2)[m.name]
+                row = {"chunk": i, "ids": ids, "texts": r.texts, "new_tokens": r.new_tokens, "seconds": r.seconds,
+                       "stats": r.stats}
+                append(path, row)
+                print(f"{time.strftime('%H:%M:%S')} {plan.task} chunk {i} {m.name}: {r.seconds:.0f} s", flush=True)
+            member_runs[m.name] = Run(row["texts"], row["new_tokens"], row["seconds"], row["stats"])
+        if k < len(first):
+            continue
+        for name, options in variants(plan).items():
+            path = out / plan.task / f"{name}.jsonl"
+            if i in done_chunks(path):
+                continue
+            if alignments is None:
+                alignments = align_members(loaded[MAIN.name], [loaded[AUX.name]], "vecmap_csls", {"progress": False},
+                                           cache_dir() / "align")
+                print(f"alignment: {alignments[0].stats}", flush=True)
+            report = evaluate_ensemble(members, alignments, plan.task, chunk, options, new_tokens, shots=shots,
+                                       member_runs=member_runs, bootstrap_samples=100)
+            m = report.metrics
+            keep = {k: v for k, v in m.items() if k.startswith("ensemble_") and not k.startswith("ensemble_minus")}
+            append(path, {"chunk": i, "ids": ids, "texts": [r["ensemble_output"] for r in report.rows],
+                          "metrics": keep})
+            print(f"{time.strftime('%H:%M:%S')} {plan.task} chunk {i} {name}: {m['ensemble_generate_s']:.0f} s, "
+                  f"gate fired {m['ensemble_gate_fired_frac']:.1%}", flush=True)
+
+
+def report(out: Path, resamples: int = 10000) -> tuple[str, dict]:
+    """The markdown table from every chunk that all systems of a task finished."""
+    systems = [MAIN.name, AUX.name, *variants(PLANS[0])]
+    lines = ["| task | n | metric | " + " | ".join(systems) + " | Δ best member (95% paired bootstrap) | gate fired |",
+             "|---|---|---|" + "---|" * len(systems) + "---|---|"]
+    table: dict = {}
+    for plan in PLANS:
+        runs = {s: done_chunks(out / plan.task / f"{s}.jsonl") for s in systems}
+        present = [s for s in systems if runs[s]]  # a variant not run yet shows as "-"
+        if not set(systems[:2]) <= set(present):
+            continue
+        chunks = sorted(set.intersection(*[set(runs[s]) for s in present]))
+        if not chunks:
+            continue
+        examples = {ex["id"]: ex for ex in examples_of(plan)[0]}
+        ids = [i for c in chunks for i in runs[MAIN.name][c]["ids"]]
+        chosen = [examples[i] for i in ids]
+        metric = get_task(plan.task).metric
+        cells, correct, values = {}, {}, {}
+        for s in systems:
+            if s not in present:
+                cells[s], values[s], correct[s] = "-", None, None
+                continue
+            texts = [t for c in chunks for t in runs[s][c]["texts"]]
+            assert [i for c in chunks for i in runs[s][c]["ids"]] == ids, (plan.task, s)
+            scores, correct[s] = score(plan.task, texts, chosen)
+            values[s] = scores[metric]
+            if correct[s][0] is None:  # BLEU: corpus level, no per-example interval
+                cells[s] = f"{values[s]:.2f}"
+            else:
+                low, high = wilson_interval(sum(correct[s]), len(ids))
+                cells[s] = f"{values[s]:.3f} [{low:.3f}, {high:.3f}]"
+        best = max(systems[:2], key=lambda s: values[s])  # the main model on ties
+        diffs = []
+        for s in [v for v in systems[2:] if v in present]:
+            if correct[s][0] is None:
+                diffs.append(f"{s} {values[s] - values[best]:+.2f}")
+                continue
+            d = paired_bootstrap([float(c) for c in correct[s]], [float(c) for c in correct[best]],
+                                 resamples=resamples, seed=0)
+            diffs.append(f"{s} {d.diff:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
+            table.setdefault(plan.task, {})[f"{s}_minus_best"] = [d.diff, d.low, d.high]
+        fired = []
+        for s in systems[2:]:
+            steps = [runs[s][c]["metrics"] for c in chunks] if s in present else []
+            fired.append(f"{s} {sum(m['ensemble_gate_fired_frac'] for m in steps) / len(steps):.0%}" if steps else "-")
+        table.setdefault(plan.task, {}).update({"n": len(ids), "metric": metric, "best_member": best,
+                                                **{s: v for s, v in values.items() if v is not None}})
+        lines.append(f"| {plan.task} | {len(ids)} | {metric} | " + " | ".join(cells[s] for s in systems)
+                     + f" | best = {best}: " + "; ".join(diffs) + " | " + fired[-1] + " |")
+    return "\n".join(lines), table
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("mode", choices=["run", "report"])
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--first-members", type=int, default=0,
+                        help="decode the members of the first chunk of this many tasks before any ensemble")
+    args = parser.parse_args(argv)
+    if args.mode == "run":
+        run(args.out, args.first_members)
+    text, table = report(args.out)
+    print(text)
+    (args.out / "evidence.json").write_text(json.dumps(table, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

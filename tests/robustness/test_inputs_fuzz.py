@@ -1,0 +1,183 @@
+"""Input fuzz: every option of every typed config node, from every experiment and group option in conf/, given a
+wrong type, an out-of-range value and a missing value must be refused with a FusionlabError naming the key —
+in-process through Hydra's compose API and fusionlab.schema.validate (what the CLI does before a job starts),
+and a representative handful through ``python -m fusionlab.run`` (exit 2, one paragraph, no traceback, no output).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fusionlab.errors import FusionlabError
+from fusionlab.schema import config_error_message, validate
+from tests.conftest import CONF_DIR, REPO, compose_config
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+# group -> the experiment whose job uses that group's node (None: any job)
+GROUPS = {"model": None, "task": None, "logger": None, "align_method": "eva_addsub", "merge_method": "merge",
+          "metric": "representation_metrics", "distill/mapping": "fusechat_pairwise", "trainer": "fusechat_pairwise",
+          "optimizer": "fusechat_pairwise", "scheduler": "fusechat_pairwise", "hparams_search": None}
+SEARCH_EXPERIMENT = {"eva_optuna": "eva_addsub", "distill_optuna": "fusechat_pairwise"}  # a search tunes its experiment
+OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]
+
+# Keys where any integer, negative included, is a meaningful value (so -1 is not "out of range"), and why.
+ANY_NUMBER = {
+    "seed": "any integer seeds a torch / random generator (the root seed, bounded by numpy, is checked)",
+    "ratio": "a chat-vector ratio may be negative (subtracting the vector)",
+    "threshold": "CSLS scores lie in [-1, 1]: a negative threshold is a real setting",
+    "dev_size": "used only with task.split=dev|test, where task.n_shot < task.dev_size is checked",
+    "dev_examples": "used only with ensemble.weights_from=dev_score, where it is checked",
+    "task_limit": "distill.eval.task_limit and n_shot are used only with distill.eval.task set, where they are checked",
+}
+CONDITIONAL = {"distill.eval.n_shot"}  # (see task_limit above)
+# Dict-typed nodes holding named typed entries (models, sources, targets): their entries are walked too.
+NAMED_ENTRIES = ("aux", "sources", "models", "pairwise", "derive")
+
+
+def _compose(overrides: list[str], tmp: Path):
+    try:
+        return compose_config(overrides, tmp)
+    except OmegaConfBaseException as err:
+        raise FusionlabError(config_error_message(err)) from err
+    except Exception as err:  # Hydra's own compose errors (override parse, unknown group option)
+        if type(err).__module__.startswith("hydra"):
+            raise FusionlabError(config_error_message(err)) from err
+        raise
+
+
+def _without_hydra(cfg):
+    from omegaconf import open_dict
+
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+def _leaves(obj, prefix: str = "", owner: str = ""):
+    """(key, value, (dataclass, field)) of every scalar option; the pair identifies an option wherever it sits."""
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield from _leaves(getattr(obj, f.name), f"{prefix}.{f.name}" if prefix else f.name,
+                               f"{type(obj).__qualname__}.{f.name}")
+    elif isinstance(obj, dict) and prefix.rsplit(".", 1)[-1] in NAMED_ENTRIES:
+        for k, v in obj.items():
+            yield from _leaves(v, f"{prefix}.{k}", owner)
+    elif isinstance(obj, (bool, int, float, str)) and not prefix.startswith("paths."):
+        yield prefix, obj, owner
+
+
+def _mutations(key: str, value):
+    """(kind, bad value) for one leaf: a wrong type, an out-of-range value, a missing value."""
+    name = key.rsplit(".", 1)[-1]
+    if isinstance(value, bool):
+        yield "wrong type", "maybe"
+    elif isinstance(value, (int, float)):
+        yield "wrong type", "abc"
+        if not any(name == k or name.endswith("_" + k) for k in ANY_NUMBER) and key not in CONDITIONAL:
+            yield "out of range", -1
+    else:
+        yield "wrong type", {"a": 1}
+    yield "missing", "???"
+
+
+def _refusal(cfg, key: str, value) -> str | None:
+    """The FusionlabError message of validating ``cfg`` with ``key`` set to ``value``; None if it was accepted."""
+    cfg = cfg.copy()
+    try:
+        OmegaConf.update(cfg, key, value, merge=False)
+        validate(cfg)
+    except FusionlabError as err:
+        return str(err)
+    except OmegaConfBaseException as err:
+        return config_error_message(err)
+    return None
+
+
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory):
+    """Every experiment composed once, less Hydra's own node (validate ignores it; dropping it saves copies)."""
+    tmp = tmp_path_factory.mktemp("fuzz")
+    return {e: _without_hydra(_compose([f"+experiment={e}"], tmp / e)) for e in EXPERIMENTS}
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_composes_and_validates(tmp_path, group, option):
+    """An option with a required value (``???``, e.g. model=hf's path) is refused naming that key."""
+    experiment = SEARCH_EXPERIMENT.get(option) if group == "hparams_search" else GROUPS[group] or "eval_addsub"
+    cfg = _without_hydra(_compose([f"+experiment={experiment}",
+                                   f"{'+' if group == 'hparams_search' else ''}{group}={option}"], tmp_path))
+    from fusionlab.schema import _missing_keys
+
+    required = _missing_keys(cfg, "") or [f"{k}.path" for k in ("model",) if cfg.model.path == ""]
+    if not required:
+        validate(cfg)
+        return
+    with pytest.raises(FusionlabError, match="missing required value|is required") as err:
+        validate(cfg)
+    assert all(key in str(err.value) for key in required)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_typed_option_refuses_bad_values(composed, experiment):
+    """Each option of each typed node of the experiment; an option (dataclass field) met in an earlier experiment,
+    or elsewhere in this one (ModelSpec under model, ensemble.aux, ...), is not fuzzed again."""
+    cfg = composed[experiment]
+    seen = {o for e in EXPERIMENTS[:EXPERIMENTS.index(experiment)] for *_, o in _leaves(validate(composed[e]))}
+    accepted, unnamed, tried = [], [], 0
+    for key, value, option in _leaves(validate(cfg)):
+        if option in seen:
+            continue
+        seen.add(option)
+        for kind, bad in _mutations(key, value):
+            tried += 1
+            message = _refusal(cfg, key, bad)
+            if message is None:
+                accepted.append(f"{key}={bad!r} ({kind})")
+            elif kind != "missing" and key.rsplit(".", 1)[-1] not in message:
+                unnamed.append(f"{key}={bad!r}: {message[:200]}")
+    assert not accepted, f"accepted silently: {accepted}"
+    assert not unnamed, f"refused without naming the key: {unnamed}"
+    assert tried or experiment != EXPERIMENTS[0]
+
+
+
+def test_missing_value_names_the_key(composed):
+    message = _refusal(composed["eva_addsub"], "ensemble.topk", "???")
+    assert message and "ensemble.topk" in message and "Traceback" not in message
+
+
+def fusionlab_run(args: list[str], run_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "0"}
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run([sys.executable, "-m", "fusionlab.run", *args, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+# A representative handful through the real CLI: each kind of failure, across jobs.
+CLI_CASES = [
+    (["+experiment=eva_addsub", "ensemble.drop=-1"], "ensemble.drop=-1"),
+    (["+experiment=eva_addsub", "ensemble.temperature=-0.5"], "ensemble.temperature=-0.5"),  # under greedy
+    (["+experiment=eval_addsub", "generation.temperature=0.7"], "greedy"),  # meaningless without sampling
+    (["+experiment=fusechat_pairwise", "distill.lam=abc"], "distill.lam"),  # wrong type
+    (["+experiment=merge", "merge.method=???"], "merge.method"),  # missing
+]
+
+
+@pytest.mark.parametrize("args,needle", CLI_CASES, ids=[" ".join(a[1:]) for a, _ in CLI_CASES])
+def test_cli_refuses_bad_input_in_one_paragraph(tmp_path, args, needle):
+    run_dir = tmp_path / "run"
+    proc = fusionlab_run(args, run_dir)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("fusionlab: error: ") and needle in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, "one paragraph"
+    written = sorted(p.name for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts) if run_dir.exists() else []
+    assert written in ([], ["metrics.json"], ["metrics.json", "run.log"]), \
+        f"nothing but the failure record (and the run's log) is written: {written}"
