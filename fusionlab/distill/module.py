@@ -45,6 +45,20 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return hashlib.sha256(json.dumps([keep, shapes], default=str).encode()).hexdigest()[:16]
 
 
+def optimizers(module: L.LightningModule, parameters, optimizer_fn: Callable | None, scheduler_fn: Callable | None,
+               default_lr: float):
+    """Lightning's ``configure_optimizers`` for our modules: the configured optimizer (AdamW at ``default_lr``
+    if none) over the trainable parameters, and a per-step scheduler given the fit's total steps if it asks."""
+    params = [p for p in parameters if p.requires_grad]
+    opt = optimizer_fn(params) if optimizer_fn else torch.optim.AdamW(params, lr=default_lr)
+    if scheduler_fn is None:
+        return opt
+    kwargs = {}
+    if "total_steps" in inspect.signature(scheduler_fn).parameters:
+        kwargs["total_steps"] = int(module.trainer.estimated_stepping_batches)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler_fn(opt, **kwargs), "interval": "step"}}
+
+
 class FuseLightningModule(L.LightningModule):
     def __init__(self, model: torch.nn.Module, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: Callable[..., Any] | None = None, lam: float = 0.9, temperature: float = 1.0,
@@ -119,15 +133,7 @@ class FuseLightningModule(L.LightningModule):
                       batch_size=bs, sync_dist=True)
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        opt = self.optimizer_fn(params) if self.optimizer_fn else torch.optim.AdamW(params, lr=5e-6)
-        if self.scheduler_fn is None:
-            return opt
-        kwargs = {}
-        if "total_steps" in inspect.signature(self.scheduler_fn).parameters:
-            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
-        sched = self.scheduler_fn(opt, **kwargs)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return optimizers(self, self.parameters(), self.optimizer_fn, self.scheduler_fn, default_lr=5e-6)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["fusionlab"] = {"fingerprint": self.fingerprint, "tokens_seen": self.tokens_seen}

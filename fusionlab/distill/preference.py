@@ -14,7 +14,6 @@ The reference model is held outside the module's parameters (not trained, not ch
 """
 from __future__ import annotations
 
-import inspect
 import time
 from typing import Any, Callable, Sequence
 
@@ -203,12 +202,6 @@ class PreferenceModule(L.LightningModule):
         return out["loss"]
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = self.optimizer_fn(params) if self.optimizer_fn else torch.optim.AdamW(params, lr=1e-6)
-        if self.scheduler_fn is None:
-            return opt
-        kwargs = {}
-        if "total_steps" in inspect.signature(self.scheduler_fn).parameters:
-            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
-        return {"optimizer": opt,
-                "lr_scheduler": {"scheduler": self.scheduler_fn(opt, **kwargs), "interval": "step"}}
+        from fusionlab.distill.module import optimizers
+
+        return optimizers(self, self.model.parameters(), self.optimizer_fn, self.scheduler_fn, default_lr=1e-6)
