@@ -9,7 +9,8 @@ checks (ranges, choices, paths) live in each library dataclass's ``__post_init__
 The node dataclasses belong to the library areas that consume them (``ModelSpec`` in
 ``fusionlab.models``, ``EnsembleConfig`` in ``fusionlab.ensemble`` ...); this module only puts
 them together. Nodes typed ``dict[str, Any]`` are instantiated by Hydra (``_target_``:
-trainer, callbacks, optimizer, scheduler, logger) or checked by their own job.
+trainer, callbacks, optimizer, scheduler, logger): :mod:`fusionlab.targets` checks their keys against
+each target's signature and their values against a small table of ranges, also in :func:`validate`.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from fusionlab.merge.tokenizer import TokenSurgeonConfig
 from fusionlab.metrics.suite import MetricConfig
 from fusionlab.models.generation import GenerationConfig
 from fusionlab.models.loading import ModelSpec
+from fusionlab.targets import TARGET_NODES, check_targets
 from fusionlab.tasks import TaskConfig
 
 
@@ -66,6 +68,7 @@ class RootConfig:
     extract_lora: ExtractLoraConfig | None = None
     metric: MetricConfig | None = None
     models: dict[str, ModelSpec] | None = None  # jobs that compare several models (diff_erank)
+    # _target_ nodes (and logger above): typed by their target's own signature, checked by fusionlab.targets
     trainer: dict[str, Any] | None = None
     callbacks: dict[str, Any] | None = None
     optimizer: dict[str, Any] | None = None
@@ -96,7 +99,7 @@ def validate(cfg: DictConfig) -> RootConfig:
             del cfg["hydra"]
     _reject_unknown_keys(cfg, "")
     try:
-        return OmegaConf.to_object(cfg)
+        root = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
         missing = _missing_keys(cfg, "")
         if missing:
@@ -104,6 +107,8 @@ def validate(cfg: DictConfig) -> RootConfig:
                                  f"{'each' if len(missing) > 1 else 'it'} on the command line, e.g. "
                                  f"{missing[0]}=<value>.") from err
         raise FusionlabError(config_error_message(err)) from err
+    check_targets({name: getattr(root, name) for name in TARGET_NODES})  # keys vs signatures, value ranges
+    return root
 
 
 def _reject_unknown_keys(node: Any, where: str) -> None:

@@ -179,6 +179,20 @@ def task_metrics(per_model: dict[str, list[float]], metric: str, split: str = "h
 
 
 @dataclass
+class HeldoutSet:
+    """What a trained model is scored on — the same texts, settings and table name at the end of its fit and,
+    through :class:`fusionlab.callbacks.heldout.HeldoutEval`, at its checkpoints (the fit attaches it to the
+    module as ``pl_module.heldout``)."""
+
+    split: str  # heldout | dev
+    texts: list[dict[str, Any]]  # rendered and cut as the training texts (pipeline.scored_texts)
+    config: EvalConfig
+    name: str = "fused"  # the trained model's column: fused, clm (the CLM twin), sft (implicit fusion)
+    use_chat_template: bool = True
+    seed: int = 0  # bootstrap seed of the intervals
+
+
+@dataclass
 class HeldoutScores:
     """Per-model held-out scores collected along a run; :meth:`metrics` turns them into numbers."""
 

@@ -265,7 +265,8 @@ def implicit_fusion(dc, make_trainer: Callable[[Path], Any], output_dir: Path, *
     """Sample → score → select → SFT → DPO/WRPO of ``dc.pivot`` into ``output_dir``; then the held-out scores
     (:mod:`fusionlab.distill.evaluation`) of the pivot, the SFT model, the fused model and, with
     ``dc.baseline == 'clm'``, the pivot SFT'd on the original (gold) responses for as many steps."""
-    from fusionlab.distill.evaluation import HeldoutScores, paired_difference
+    from fusionlab.distill.evaluation import HeldoutScores, HeldoutSet, paired_difference
+    from fusionlab.distill.module import throughput_metrics
     from fusionlab.distill.pipeline import FusedData, fit, scored_texts, split_name
     from fusionlab.distill.preference import PreferenceDataModule, PreferenceModule
     from fusionlab.distill.representations import resolve_derived_sources
@@ -349,8 +350,8 @@ def implicit_fusion(dc, make_trainer: Callable[[Path], Any], output_dir: Path, *
 
     # 5. SFT on the best responses: the distill fit with lam = 1 (plain CLM on the response tokens)
     sft_dc = dataclasses.replace(dc, lam=1.0, pairwise_source=None, fusion_mode="min_ce")
-    sft_metrics = fit(sft_dc, FusedData(sft_records, pivot_model, tok, [], {}), make_trainer(out / "sft"),
-                      out / "sft", optimizer=optimizer, scheduler=scheduler, seed=seed)
+    sft_metrics = fit(sft_dc, FusedData(sft_records, pivot_model, tok, [], {}, held), make_trainer(out / "sft"),
+                      out / "sft", optimizer=optimizer, scheduler=scheduler, seed=seed, eval_name="sft")
     metrics.update({f"sft/{k}": v for k, v in sft_metrics.items() if isinstance(v, (int, float, bool))})
     policy = pivot_model  # trained in place by the SFT fit
     reference = copy.deepcopy(policy).eval()
@@ -365,6 +366,7 @@ def implicit_fusion(dc, make_trainer: Callable[[Path], Any], output_dir: Path, *
                               beta=ic.beta, alpha=ic.alpha, alpha_schedule=ic.alpha_schedule,
                               length_normalized=ic.length_normalized)
     module.tokenizer, module.pivot_spec = tok, dc.pivot  # for callbacks that decode or reload the pivot
+    module.heldout = HeldoutSet(split_name(dc), held, dc.eval, "fused", chat, seed)  # for HeldoutEval
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=PreferenceDataModule(pairs, ic.preference_batch_size, seed, pad),
@@ -372,7 +374,7 @@ def implicit_fusion(dc, make_trainer: Callable[[Path], Any], output_dir: Path, *
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if hasattr(v, "item") and v.numel() == 1}
     metrics.update({f"final/{k.replace('/', '_')}": v for k, v in final.items()})
     metrics.update({"preference/steps": int(trainer.global_step), "preference/seconds": time.perf_counter() - t0,
-                    "preference/tokens_per_s": module.tokens_seen / max(module.step_seconds, 1e-9)})
+                    **throughput_metrics(module, "preference")})
     del reference, module
     if dc.export_model and trainer.is_global_zero:
         with atomic_dir(out / "model", overwrite=True) as tmp:
@@ -389,8 +391,8 @@ def implicit_fusion(dc, make_trainer: Callable[[Path], Any], output_dir: Path, *
         base_model, _ = load_model(dc.pivot)
         bt = make_trainer(out / "baseline_clm")
         bt.fit_loop.epoch_loop.max_steps = int(sft_metrics["fit/steps"]) + int(trainer.global_step)
-        bm = fit(dataclasses.replace(sft_dc, export_model=False), FusedData(gold, base_model, tok, [], {}), bt,
-                 out / "baseline_clm", optimizer=optimizer, scheduler=scheduler, seed=seed)
+        bm = fit(dataclasses.replace(sft_dc, export_model=False), FusedData(gold, base_model, tok, [], {}, held), bt,
+                 out / "baseline_clm", optimizer=optimizer, scheduler=scheduler, seed=seed, eval_name="clm")
         metrics.update({f"baseline/{k}": v for k, v in bm.items() if isinstance(v, (int, float, bool))})
         scores_out.score("clm", base_model, tok, held, dc.eval, chat, seed)
     metrics.update(scores_out.metrics(seed))

@@ -59,7 +59,58 @@ def optimizers(module: L.LightningModule, parameters, optimizer_fn: Callable | N
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler_fn(opt, **kwargs), "interval": "step"}}
 
 
-class FuseLightningModule(L.LightningModule):
+class StepThroughput:
+    """Mixin for our LightningModules: the tokens and seconds of the training steps run IN THIS PROCESS.
+
+    A resumed run restores ``tokens_seen`` (the run's total) from its checkpoint, but its clock starts at
+    zero, so throughput must divide this process's tokens by this process's step time — else a resume
+    that runs no step reports its restored total over ~0 s. Step time is forward + backward + optimizer
+    step only: the callbacks' batch-end hooks (checkpoint saving, evaluations) run before the module's
+    ``on_train_batch_end`` and are excluded.
+    """
+
+    tokens_seen = 0  # all steps of the run; FuseLightningModule's checkpoint hooks restore it on resume
+    tokens_this_run = 0
+    steps_this_run = 0
+    step_seconds = 0.0
+    _t0, _t_done = 0.0, None
+
+    def count_tokens(self, n: int) -> None:
+        self.tokens_seen += n
+        self.tokens_this_run += n
+
+    @property
+    def tokens_per_s(self) -> float:
+        """This process's tokens per second of step time; 0.0 when no step ran here."""
+        return self.tokens_this_run / self.step_seconds if self.steps_this_run and self.step_seconds > 0 else 0.0
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._t0, self._t_done = time.perf_counter(), None
+
+    def on_after_backward(self) -> None:
+        self._t_done = time.perf_counter()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self._t_done = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._t_done is not None:
+            self.step_seconds += self._t_done - self._t0
+            self.steps_this_run += 1
+
+
+def throughput_metrics(module: StepThroughput, prefix: str, world: int = 1) -> dict[str, Any]:
+    """``<prefix>/tokens`` (the run's total, resumed steps included), ``<prefix>/tokens_this_run``,
+    ``<prefix>/steps_this_run``, ``<prefix>/step_seconds`` and ``<prefix>/tokens_per_s`` (this process's
+    tokens over its step seconds, all ranks; 0.0 when no step ran here)."""
+    return {f"{prefix}/tokens": int(module.tokens_seen) * world,
+            f"{prefix}/tokens_this_run": int(module.tokens_this_run) * world,
+            f"{prefix}/steps_this_run": int(module.steps_this_run), f"{prefix}/step_seconds": module.step_seconds,
+            f"{prefix}/tokens_per_s": module.tokens_per_s * world}
+
+
+class FuseLightningModule(StepThroughput, L.LightningModule):
     def __init__(self, model: torch.nn.Module, optimizer: Callable[..., torch.optim.Optimizer] | None = None,
                  scheduler: Callable[..., Any] | None = None, lam: float = 0.9, temperature: float = 1.0,
                  loss_type: str = "ce", fusion_mode: str = "min_ce", lora: dict[str, Any] | None = None,
@@ -82,9 +133,6 @@ class FuseLightningModule(L.LightningModule):
         self.scheduler_fn = scheduler
         self.lam, self.temperature, self.loss_type, self.fusion_mode = lam, temperature, loss_type, fusion_mode
         self.fingerprint = model_fingerprint(model)
-        self.tokens_seen = 0
-        self.step_seconds = 0.0  # forward + backward + optimizer step only: no callback, checkpoint or logger time
-        self._t0, self._t_done = 0.0, None
         self.log_prefix = log_prefix  # e.g. "baseline/": the CLM twin logs beside the fused run
         self.save_hyperparameters(ignore=["model", "optimizer", "scheduler"])
 
@@ -98,24 +146,9 @@ class FuseLightningModule(L.LightningModule):
         return fusion_loss(logits, batch["labels"], batch["target_ids"], batch["target_logits"], batch["ce"],
                            lam=self.lam, temperature=self.temperature, mode=self.fusion_mode, loss_type=self.loss_type)
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._t0, self._t_done = time.perf_counter(), None
-
-    def on_after_backward(self) -> None:
-        self._t_done = time.perf_counter()
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self._t_done = time.perf_counter()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # the callbacks' batch-end hooks (checkpoint saving, evaluations) ran before this one: excluded
-        if self._t_done is not None:
-            self.step_seconds += self._t_done - self._t0
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._step(batch)
-        self.tokens_seen += int(batch["attention_mask"].sum())
+        self.count_tokens(int(batch["attention_mask"].sum()))
         bs = batch["input_ids"].shape[0]
         dm = getattr(self.trainer, "datamodule", None)
         if hasattr(dm, "mark_consumed"):

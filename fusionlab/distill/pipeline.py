@@ -198,19 +198,21 @@ def prepare(dc: DistillConfig) -> FusedData:
 
 
 def fit(dc: DistillConfig, data: FusedData, trainer, output_dir: Path, *, optimizer: Callable | None = None,
-        scheduler: Callable | None = None, seed: int = 0, log_prefix: str = "",
+        scheduler: Callable | None = None, seed: int = 0, log_prefix: str = "", eval_name: str = "fused",
         finish_wandb: bool = True) -> dict[str, Any]:
     """Train the pivot on the fused data with ``trainer`` (resuming per ``dc.resume``), then export it.
 
     Returns ``final/*`` (the trainer's last logged values and those of checkpoint-time evaluation
     callbacks, i.e. callbacks with a ``last_metrics`` dict), ``fit/*`` and the output paths; the trained
     model is left in ``data.trained_model``. ``log_prefix`` names the logged curves (the CLM twin's are
-    ``baseline/train/…``); ``finish_wandb=False`` keeps the W&B run open for what the caller logs next.
+    ``baseline/train/…``); ``eval_name`` is the trained model's held-out column at checkpoints
+    (``pl_module.heldout``, for the HeldoutEval callback); ``finish_wandb=False`` keeps the W&B run open.
     """
     import torch
 
     from fusionlab.distill.data import FuseDataModule
-    from fusionlab.distill.module import FuseLightningModule
+    from fusionlab.distill.evaluation import HeldoutSet
+    from fusionlab.distill.module import FuseLightningModule, throughput_metrics
     from fusionlab.io import atomic_dir
 
     candidates = None if dc.pairwise_source is None else [0, 1 + data.source_names.index(dc.pairwise_source)]
@@ -224,6 +226,8 @@ def fit(dc: DistillConfig, data: FusedData, trainer, output_dir: Path, *, optimi
                                  log_prefix=log_prefix)
     module.tokenizer = tok  # for callbacks (EVA eval, merge, Diff-eRank) that need to decode
     module.pivot_spec = dc.pivot
+    module.heldout = HeldoutSet(split_name(dc), data.heldout, dc.eval, eval_name, dc.pivot.use_chat_template,
+                                seed) if data.heldout else None
     ckpt = dc.resume_checkpoint(output_dir)
     if ckpt:
         log.info("Resuming from %s", ckpt)
@@ -246,9 +250,7 @@ def fit(dc: DistillConfig, data: FusedData, trainer, output_dir: Path, *, optimi
     final = {k.removeprefix(log_prefix): v for k, v in final.items() if k.startswith(log_prefix)}
     metrics: dict[str, Any] = {f"final/{k.replace('/', '_')}": v for k, v in final.items()}
     metrics.update({"fit/steps": int(trainer.global_step), "fit/seconds": round(fit_s, 2),
-                    "fit/step_seconds": module.step_seconds, "fit/tokens": int(module.tokens_seen) * world,
-                    "fit/tokens_per_s": module.tokens_seen * world / max(module.step_seconds, 1e-9),
-                    "fit/world_size": world, "fit/resumed": bool(ckpt)})
+                    **throughput_metrics(module, "fit", world), "fit/world_size": world, "fit/resumed": bool(ckpt)})
     last = Path(output_dir) / "checkpoints" / "last.ckpt"
     if last.exists():
         metrics["checkpoint"] = str(last)
@@ -327,18 +329,20 @@ def distill(dc: DistillConfig, make_trainer: Callable[[Path], Any], output_dir: 
     if dc.baseline == "clm":
         twin_dc = dataclasses.replace(dc, lam=1.0)
         fresh, _ = load_model(dc.pivot)
-        twin = FusedData(data.records, fresh, data.pivot_tokenizer, data.source_names, {})
+        twin = FusedData(data.records, fresh, data.pivot_tokenizer, data.source_names, {}, data.heldout)
         data.trained_model = data.pivot_model = None  # the fused model is scored: free it before the twin trains
         gc.collect()
         out = output_dir / "baseline_clm"
         trainer = make_trainer(out)
-        twin_metrics = fit(twin_dc, twin, trainer, out, log_prefix="baseline/", finish_wandb=False, **fit_kwargs)
+        twin_metrics = fit(twin_dc, twin, trainer, out, log_prefix="baseline/", eval_name="clm", finish_wandb=False,
+                           **fit_kwargs)
         metrics.update({f"baseline/{k}": v for k, v in twin_metrics.items()})
         t0 = time.perf_counter()
         if trainer.is_global_zero:
             scores.score("clm", twin.trained_model, data.pivot_tokenizer, data.heldout, dc.eval, chat, seed)
         eval_s += time.perf_counter() - t0
-        metrics["fit/overhead_vs_clm"] = twin_metrics["fit/tokens_per_s"] / metrics["fit/tokens_per_s"] - 1.0
+        if twin_metrics["fit/tokens_per_s"] and metrics["fit/tokens_per_s"]:  # both ran steps in this process
+            metrics["fit/overhead_vs_clm"] = twin_metrics["fit/tokens_per_s"] / metrics["fit/tokens_per_s"] - 1.0
     metrics.update(scores.metrics(seed))
     metrics["time/eval_s"] = round(eval_s, 2)
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

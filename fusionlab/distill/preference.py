@@ -14,7 +14,6 @@ The reference model is held outside the module's parameters (not trained, not ch
 """
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Sequence
 
 import lightning as L
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from fusionlab.distill.module import StepThroughput
 from fusionlab.errors import FusionlabError
 
 PREFERENCE_LOSSES = ("dpo", "wrpo")
@@ -137,7 +137,7 @@ class PreferenceDataModule(L.LightningDataModule):
 
 
 # ------------------------------------------------------------------------------------------- module
-class PreferenceModule(L.LightningModule):
+class PreferenceModule(StepThroughput, L.LightningModule):
     """The pivot trained with DPO or WRPO against a frozen reference model."""
 
     def __init__(self, model: torch.nn.Module, reference: torch.nn.Module,
@@ -152,7 +152,6 @@ class PreferenceModule(L.LightningModule):
         self.optimizer_fn, self.scheduler_fn = optimizer, scheduler
         self.loss, self.beta, self.alpha, self.alpha_schedule = loss, beta, alpha, alpha_schedule
         self.length_normalized = length_normalized
-        self.tokens_seen, self.step_seconds, self._t0 = 0, 0.0, 0.0
         self.save_hyperparameters(ignore=["model", "reference", "optimizer", "scheduler"])
 
     @property
@@ -185,16 +184,10 @@ class PreferenceModule(L.LightningModule):
         return {"loss": loss, "margin": margin.mean(), "accuracy": (margin > 0).float().mean(),
                 "alpha": torch.tensor(alpha)}
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.step_seconds += time.perf_counter() - self._t0
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.preference_loss(batch)
         pairs = batch["input_ids"].shape[0] // int(batch["n_roles"])
-        self.tokens_seen += int(batch["attention_mask"].sum())
+        self.count_tokens(int(batch["attention_mask"].sum()))
         dm = getattr(self.trainer, "datamodule", None)
         if hasattr(dm, "mark_consumed"):
             dm.mark_consumed(pairs)

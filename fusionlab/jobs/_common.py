@@ -87,14 +87,16 @@ def make_tracker(cfg: DictConfig, output_dir: Path) -> Tracker:
 
 def lightning_loggers(cfg: DictConfig, output_dir: Path) -> list:
     """Instantiate ``cfg.logger``'s Lightning loggers; W&B's gets the same run identity as :func:`make_tracker`."""
-    from hydra.utils import instantiate
+    from hydra.utils import get_class
 
     loggers = []
     for key, node in (cfg.get("logger") or {}).items():
         node = to_dict(node)
         if key == "wandb":
             node.update(_wandb_run(cfg, output_dir, node))
-        loggers.append(instantiate(node))
+        # A plain call, not hydra's recursive instantiate: W&B's ``config`` holds the job's own
+        # ``_target_`` nodes (trainer, optimizer ...), which must be logged as config, not built.
+        loggers.append(get_class(node.pop("_target_"))(**node))
     return loggers
 
 

@@ -335,21 +335,28 @@ def slerp(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
 
 
 @merge_method
-def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, variant: Literal["code", "paper"] = "code",
-        int8_mask: bool = False) -> Tensor:
+def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0,
+        variant: Literal["code", "paper", "fusechat"] = "code", int8_mask: bool = False) -> Tensor:
     """SCE (FuseChat, Wan et al. 2024, arXiv 2408.07990): Select by cross-model variance, Calculate
     η ∝ mean(δ²), Erase minority signs.
 
-    variant="code" (default, = released code and mergekit): Φ = θ + Σ ηⱼ keepⱼ δⱼ / Σ ηⱼ keepⱼ.
+    variant="code" (default: mergekit's ``sce``, bit for bit): the top-``select_topk`` variance mask zeroes
+    the deltas, then Φ = θ + Σ ηⱼ keepⱼ δⱼ / Σ ηⱼ keepⱼ (divisor clamped at 1e-6).
+    variant="fusechat" (FuseChat's released ``sce_merging.py``, the FuseChat-2.0 merge with τ = 0.1): the
+    mask is used ONLY for ηⱼ = mean((δⱼ·mask)²) (uniform if all are 0); the sign election and the average
+    take the FULL deltas, divisor Σ ηⱼ keepⱼ with 0 → 1. At ``select_topk >= 1`` both are the same merge.
     variant="paper" (eq. 9; fusionlab only): Φ = θ + Σ ηⱼ keepⱼ δⱼ, no divisor.
     """
-    if variant not in ("code", "paper"):
-        raise FusionlabError(f"Unknown sce variant {variant!r}; use code (released code, default) or paper (eq. 9).")
+    if variant not in ("code", "paper", "fusechat"):
+        raise FusionlabError(f"Unknown sce variant {variant!r}; use code (mergekit's, default), fusechat (FuseChat's "
+                             "released merge code) or paper (eq. 9).")
     mask_dtype = torch.int8 if int8_mask else None
     n = len(tensors)
     tvs = torch.empty((n, *base.shape), dtype=base.dtype, device=base.device)
     for i, t in enumerate(tensors):
         torch.sub(t, base, out=tvs[i])
+    if variant == "fusechat":
+        return _sce_fusechat(base, tvs, select_topk, mask_dtype)
     if select_topk < 1:
         tvs.mul_(sce_select_mask(tvs, select_topk, mask_dtype).unsqueeze(0))
     eta = tvs.square().reshape(n, -1).mean(dim=1)
@@ -360,6 +367,26 @@ def sce(base: Tensor, tensors: list[Tensor], *, select_topk: float = 1.0, varian
         weights = eta * sign_consensus(d, "sum", mask_dtype)
         merged = (d * weights).sum(dim=0)
         return merged / weights.sum(dim=0).clamp(min=1e-6) if variant == "code" else merged
+
+    return _add_per_entry(base, tvs, erase_and_average)
+
+
+def _sce_fusechat(base: Tensor, tvs: Tensor, select_topk: float, mask_dtype: torch.dtype | None) -> Tensor:
+    """FuseChat's released SCE: the variance mask selects what η is computed from, never what is merged."""
+    n = len(tvs)
+    if select_topk < 1:
+        mask = sce_select_mask(tvs, select_topk, tvs.dtype)
+        energy = [float((tvs[j] * mask).square().sum()) / mask.numel() for j in range(n)]  # one masked copy at a time
+    else:
+        energy = [float(tvs[j].square().sum()) / tvs[j].numel() for j in range(n)]
+    total = sum(energy)
+    eta = torch.tensor([1.0 / n] * n if total == 0 else [e / total for e in energy], dtype=tvs.dtype,
+                       device=tvs.device).reshape(n, 1)
+
+    def erase_and_average(d: Tensor) -> Tensor:
+        weights = eta * sign_consensus(d, "sum", mask_dtype)
+        divisor = weights.sum(dim=0)
+        return (d * weights).sum(dim=0) / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
 
     return _add_per_entry(base, tvs, erase_and_average)
 

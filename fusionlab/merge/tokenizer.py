@@ -556,11 +556,16 @@ class _Input:
     reader: Any
 
 
-def transplant(model: str | Path, tokenizer_source: str, output: str | Path, *, fill: str = "alignment",
+def transplant(model: str | Path, tokenizer_source: str, output: str | Path, *, fill: str = "mean",
                dtype: str = "auto", overwrite: bool = False, derived: Mapping[str, str | Path] | None = None
                ) -> dict[str, Any]:
     """mergekit's ``tokensurgeon``: ``model`` on another tokenizer (``model:<ref>``; its model's weights, when
-    there, lend their alignment), every row it lacks filled as in a merge (``fill``). Returns the row counts."""
+    there, lend their alignment), every row it lacks filled as in a merge (``fill``). Returns the row counts.
+
+    The default fill is ``mean``, not ``alignment`` as in merges: measured on SmolLM2 → Gemma-3's 262,144-token
+    tokenizer (experiments/merge/RESULTS.md) the alignment fill gives perplexity 2.6e6 against 137 for mean
+    and 261 for zero — with a tied head, ~216k rows that each resemble a real token compete with it for
+    the probability mass (likely cause, not verified)."""
     from fusionlab.io import atomic_dir, check_output_path
     from fusionlab.merge.io import ST_DTYPES, ShardWriter, copy_aux_files
     from fusionlab.models.resolve import resolve_checkpoint, torch_dtype
@@ -604,7 +609,7 @@ class TokenSurgeonConfig:
     model: str  # a dir, an embedded name
     tokenizer: str  # model:<ref>: the tokenizer to move onto (its model's weights, when there, lend the alignment)
     output: str | None = None  # default: <run dir>/transplanted
-    fill: str = "alignment"  # alignment | mean | zero (rows the model lacks)
+    fill: str = "mean"  # mean | zero | alignment (rows the model lacks; alignment measured far worse here: transplant)
     dtype: str = "auto"
     overwrite: bool = False
     eval: PerplexityEval | None = None  # perplexity of the model and the transplant (each with its own tokenizer)

@@ -121,3 +121,20 @@ def test_objective_checked_again_when_the_job_ends(tmp_path):
     assert isinstance(err, FusionlabError) and "objective='ppl'" in str(err) and "['tensors', 'wall_s']" in str(err)
     assert _objective_error(OmegaConf.create({"job": "merge", "objective": "tensors"}), ["tensors"], "wrote to") is None
     assert _objective_error(OmegaConf.create({"job": "merge", "objective": None}), [], "wrote to") is None
+
+
+def test_distill_job_with_the_default_wandb_logger(tmp_path):
+    """The default logger group (W&B offline + CSV) on a fit: W&B's config holds the job's ``_target_`` nodes,
+    which must be logged as config — built recursively they crashed every distill run at ``trainer.fit``."""
+    from tests.distill.test_distill_job import TINY
+    from tests.sweeps.wandb_offline import offline_runs
+
+    tiny = [a for a in TINY if not a.startswith("logger=")]
+    proc = fusionlab_run(["+experiment=fusechat_pairwise", *tiny, "logger=wandb", "trainer.max_steps=1",
+                          "distill.baseline=null", "distill.eval.task=null", "distill.data.heldout=4",
+                          f"distill.cache_dir={tmp_path / 'cache'}", "trainer.enable_progress_bar=false"],
+                         tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = offline_runs(tmp_path / "run")
+    assert len(runs) == 1 and runs[0]["job_type"] == "distill" and runs[0]["exit_code"] == 0
+    assert {"train/loss", "train/clm", "train/fusion"} <= runs[0]["history_keys"]

@@ -106,6 +106,23 @@ def test_resume_from_an_epoch_boundary_continues_with_the_same_losses(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+def test_throughput_after_a_resume_counts_only_this_process(tmp_path):
+    """A resumed run restores the run's token total but times only its own steps (issue 16: 9.67e11 tok/s)."""
+    _, m_full = fit(tmp_path / "a", max_steps=6)
+    crashed = make()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(tmp_path / "b", max_steps=6, every=3, crash_at=3, module=crashed)
+    _, m_res = fit(tmp_path / "b", max_steps=6, every=3, ckpt=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert (crashed.steps_this_run, m_res.steps_this_run, m_full.steps_this_run) == (3, 3, 6)
+    assert m_res.tokens_seen == m_full.tokens_seen  # the run's total: same batches in the same order
+    assert m_res.tokens_this_run == m_full.tokens_seen - crashed.tokens_this_run
+    assert 0 < m_res.step_seconds < m_full.step_seconds
+    assert 0.1 < m_res.tokens_per_s / m_full.tokens_per_s < 10  # same order (timing noise only)
+    _, m_none = fit(tmp_path / "b", max_steps=6, every=3, ckpt=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
+    assert m_none.steps_this_run == 0 and m_none.tokens_seen == m_full.tokens_seen
+    assert m_none.tokens_per_s == 0.0  # no step ran here: no throughput, never restored tokens / ~0 s
+
+
 def test_resume_from_mismatched_checkpoint_is_a_clear_error(tmp_path):
     fit(tmp_path / "a", max_steps=1, every=1)
     with pytest.raises(FusionlabError, match="different model"):

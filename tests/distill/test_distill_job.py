@@ -82,6 +82,8 @@ def test_distill_job_runs_and_resumes_from_last_checkpoint(compose, tmp_path):
     assert isinstance(m1[objective], float) and m1[objective] > 0
     m2 = run(compose([*common, "trainer.max_steps=4"], out))  # same dir: resumes at step 2
     assert m2["fit/resumed"] is True and m2["fit/steps"] == 4
+    assert m2["fit/steps_this_run"] == 2 and m2["fit/tokens"] > m2["fit/tokens_this_run"] > 0  # total vs this process
+    assert 0.1 < m2["fit/tokens_per_s"] / m1["fit/tokens_per_s"] < 10  # this run's tokens over this run's seconds
     assert m2["time/representations_s"] < m1["time/representations_s"] + 30  # caches reused
 
 
@@ -139,6 +141,29 @@ def test_checkpoint_callbacks_report_into_the_job_metrics(compose, tmp_path):
         metrics["final/eva_eval_accuracy"]
 
 
+def test_heldout_eval_callback_at_the_last_checkpoint_equals_the_end_of_fit_score(compose, tmp_path):
+    """The callback scores through the end-of-fit function on the same conversations: with no step between the
+    last checkpoint and the end of the fit, every held-out number agrees to the float; the .ckpt keeps them."""
+    import torch
+
+    from fusionlab.run import run
+
+    out = tmp_path / "run"
+    m = run(compose(["+experiment=fusechat_pairwise", *TINY, f"distill.cache_dir={tmp_path / 'cache'}",
+                     "distill.baseline=null", "distill.eval.task=null", "distill.data.heldout=6",
+                     "callbacks=[default,heldout_eval]", "callbacks.model_checkpoint.every_n_train_steps=2",
+                     "trainer.max_steps=4", "trainer.enable_progress_bar=false"], out))
+    assert m["fit/steps"] == 4
+    for key in ("heldout/ce/fused", "heldout/ce/fused_low", "heldout/ce/fused_high", "heldout/ppl/fused"):
+        assert m[f"final/{key.replace('/', '_')}"] == m[key], key  # the callback's value at step 4
+    ckpt = torch.load(out / "checkpoints" / "step000004.ckpt", weights_only=False)
+    assert ckpt["heldout"]["heldout/ce/fused"] == m["heldout/ce/fused"]
+    logged = _step_losses(out, "heldout/ce/fused")  # the loggers got it at both checkpoints (CSV: text floats)
+    assert sorted(logged) == [2, 4] and logged[4] == pytest.approx(m["heldout/ce/fused"], rel=1e-6)
+    assert logged[2] != logged[4]  # two steps of training moved it: a real evaluation at each checkpoint
+    assert m["heldout/ce/pivot"] != m["heldout/ce/fused"]
+
+
 def test_ddp_fit_with_two_cpu_processes(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
@@ -162,7 +187,7 @@ def test_cli_fusechat_pairwise_with_real_models(tmp_path):
            "distill.data.max_length=48", f"distill.cache_dir={tmp_path / 'cache'}", "trainer.max_steps=1",
            "~callbacks.model_checkpoint", "trainer.enable_checkpointing=false", "distill.export_model=false",
            "trainer.enable_progress_bar=false", "logger=csv", f"hydra.run.dir={out}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["fit/steps"] == 1 and m["align/gemma3_270m/exact_rate"] > 0.8

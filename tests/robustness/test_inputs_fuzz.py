@@ -167,6 +167,10 @@ CLI_CASES = [
     (["+experiment=eval_addsub", "generation.temperature=0.7"], "greedy"),  # meaningless without sampling
     (["+experiment=fusechat_pairwise", "distill.lam=abc"], "distill.lam"),  # wrong type
     (["+experiment=merge", "merge.method=???"], "merge.method"),  # missing
+    # _target_ nodes (fusionlab.targets; the full battery in-process: TARGET_CASES below)
+    (["+experiment=fusechat_pairwise", "+trainer.max_stepz=3"], "trainer.max_stepz"),  # misspelt
+    (["+experiment=fusechat_pairwise", "callbacks.model_checkpoint.save_top_k=all"],  # wrong type
+     "callbacks.model_checkpoint.save_top_k='all'"),
 ]
 
 
@@ -181,3 +185,90 @@ def test_cli_refuses_bad_input_in_one_paragraph(tmp_path, args, needle):
     written = sorted(p.name for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts) if run_dir.exists() else []
     assert written in ([], ["metrics.json"], ["metrics.json", "run.log"]), \
         f"nothing but the failure record (and the run's log) is written: {written}"
+
+
+# The _target_ nodes, in-process: (experiment, override, what the message must name), for each node a misspelt key,
+# an out-of-range value and a wrong type.
+TARGET_CASES = [
+    ("fusechat_pairwise", "+trainer.max_stepz=3", ["trainer.max_stepz", "max_steps"]),
+    ("fusechat_pairwise", "trainer.max_steps=0", ["trainer.max_steps=0", ">= 1"]),
+    ("fusechat_pairwise", "trainer.max_steps=abc", ["trainer.max_steps='abc'"]),
+    ("fusechat_pairwise", "trainer.precision=banana", ["trainer.precision='banana'", "bf16-mixed"]),
+    ("fusechat_pairwise", "trainer.accumulate_grad_batches=0", ["trainer.accumulate_grad_batches=0"]),
+    ("fusechat_pairwise", "trainer.gradient_clip_val=-1", ["trainer.gradient_clip_val=-1"]),
+    ("fusechat_pairwise", "trainer.devices=0", ["trainer.devices=0"]),
+    ("fusechat_pairwise", "trainer.accelerator=gpux", ["trainer.accelerator='gpux'", "cuda"]),
+    ("fusechat_pairwise", "trainer.enable_progress_bar=maybe", ["trainer.enable_progress_bar='maybe'", "bool"]),
+    ("fusechat_pairwise", "trainer._target_=lightning.Trainr", ["trainer._target_", "Trainer"]),
+    ("fusechat_pairwise", "trainer._target_=nosuchpkg.Trainer", ["trainer._target_", "nosuchpkg"]),
+    ("fusechat_pairwise", "+optimizer.lrr=1e-5", ["optimizer.lrr", "lr"]),
+    ("fusechat_pairwise", "optimizer.lr=-1", ["optimizer.lr=-1", "> 0"]),
+    ("fusechat_pairwise", "optimizer.betas=[2,0]", ["optimizer.betas=[2, 0]", "[0, 1)"]),
+    ("fusechat_pairwise", "optimizer.weight_decay=-0.1", ["optimizer.weight_decay=-0.1"]),
+    ("fusechat_pairwise", "optimizer.lr=fast", ["optimizer.lr='fast'"]),
+    ("fusechat_pairwise", "+scheduler.warmup=0.1", ["scheduler.warmup", "warmup_ratio"]),
+    ("fusechat_pairwise", "scheduler.warmup_ratio=1.5", ["scheduler.warmup_ratio=1.5", "[0, 1]"]),
+    ("fusechat_pairwise", "scheduler.min_lr_ratio=low", ["scheduler.min_lr_ratio='low'"]),
+    ("fusechat_pairwise", "scheduler=constant +scheduler.factr=1", ["scheduler.factr", "factor"]),
+    ("fusechat_pairwise", "+callbacks.model_checkpoint.every_n_train_stepz=2",
+     ["callbacks.model_checkpoint.every_n_train_stepz", "every_n_train_steps"]),
+    ("fusechat_pairwise", "callbacks.model_checkpoint.every_n_train_steps=-1",
+     ["callbacks.model_checkpoint.every_n_train_steps=-1"]),
+    ("fusechat_pairwise", "callbacks.model_checkpoint.save_top_k=-2", ["callbacks.model_checkpoint.save_top_k=-2"]),
+    ("fusechat_pairwise", "callbacks.model_checkpoint.save_top_k=all", ["callbacks.model_checkpoint.save_top_k='all'"]),
+    ("fusechat_pairwise", "callbacks=[default,eva_eval] +callbacks.eva_eval.limt=3", ["callbacks.eva_eval.limt", "limit"]),
+    ("eval_addsub", "+logger.csv.nam=x", ["logger.csv.nam", "name"]),
+    ("eval_addsub", "logger.csv.name={a:1}", ["logger.csv.name"]),
+    ("fusechat_pairwise", "callbacks.model_checkpoint.dirpath=[1,2]", ["callbacks.model_checkpoint.dirpath=[1, 2]"]),
+    ("fusechat_pairwise", "trainer.strategy=banana", ["trainer.strategy='banana'", "ddp"]),  # Lightning's registry
+    ("fusechat_pairwise", "trainer=fsdp trainer.strategy.state_dict_type=banana",  # a nested target's Literal
+     ["trainer.strategy.state_dict_type='banana'", "sharded"]),
+    ("fusechat_pairwise", "trainer=deepspeed_z2 +trainer.strategy.stag=3", ["trainer.strategy.stag", "stage"]),
+]
+
+
+@pytest.mark.parametrize("experiment,override,needles", TARGET_CASES, ids=[c[1] for c in TARGET_CASES])
+def test_target_nodes_refuse_bad_keys_and_values(tmp_path, experiment, override, needles):
+    cfg = _compose([f"+experiment={experiment}", *override.split()], tmp_path)
+    with pytest.raises(FusionlabError) as err:
+        validate(cfg)
+    message = str(err.value)
+    assert all(needle in message for needle in needles), message
+    assert "\n" not in message and "Traceback" not in message
+
+
+def _target_nodes(node, where):
+    """(dotted path, node) of every ``_target_`` node under a plain (to_object) config node."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            yield where, node
+        for key, value in node.items():
+            yield from _target_nodes(value, f"{where}.{key}")
+
+
+TARGET_OPTIONS = [f"callbacks=[{','.join(p.stem for p in sorted((CONF_DIR / 'callbacks').glob('*.yaml')))}]",
+                  *(f"trainer={p.stem}" for p in sorted((CONF_DIR / "trainer").glob("*.yaml"))),
+                  *(f"scheduler={p.stem}" for p in sorted((CONF_DIR / "scheduler").glob("*.yaml")))]
+
+
+@pytest.mark.parametrize("option", TARGET_OPTIONS)
+def test_every_target_key_misspelt_is_refused_with_the_right_suggestion(tmp_path, option):
+    """Every key every shipped trainer / callback / scheduler / optimizer / logger node sets, misspelt (a letter
+    doubled), is refused naming the misspelt key and suggesting the real one — unless its target takes **kwargs."""
+    import inspect
+
+    from fusionlab.targets import locate
+
+    cfg = _without_hydra(_compose(["+experiment=fusechat_pairwise", option], tmp_path))
+    root, tried = validate(cfg), 0
+    for top in ("trainer", "optimizer", "scheduler", "callbacks", "logger"):
+        for where, node in _target_nodes(getattr(root, top), top):
+            params = inspect.signature(locate(node["_target_"], where)).parameters.values()
+            if any(p.kind is p.VAR_KEYWORD for p in params):
+                continue
+            for key in (k for k in node if not k.startswith("_")):
+                typo = key[0] + key  # "max_steps" -> "mmax_steps"
+                message = _refusal(cfg, f"{where}.{typo}", node[key])
+                tried += 1
+                assert message and f"{where}.{typo}" in message and key in message, (where, typo, message)
+    assert tried >= 5
