@@ -32,6 +32,20 @@ def to_dict(node: Any) -> Any:
     return node
 
 
+def job_node(cfg: DictConfig, key: str, needs: str, start: str) -> Any:
+    """The typed ``cfg.<key>`` a job cannot run without, or one error saying which experiment provides it."""
+    if cfg.get(key) is None:
+        article = "an" if key[0] in "aeiou" else "a"
+        raise FusionlabError(f"job={key} needs {article} {key}: block{needs}; start from {start}.")
+    return OmegaConf.to_object(cfg[key])
+
+
+def log_numbers(tracker: Tracker, metrics: dict[str, Any]) -> None:
+    """Log a job's numeric results to its tracker and keep all of them in its summary."""
+    tracker.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    tracker.summary(metrics)
+
+
 def model_spec(node: Any) -> ModelSpec:
     """The typed spec of a ``model``-like node (a ModelSpec or a plain mapping pass through)."""
     if OmegaConf.is_config(node):

@@ -10,20 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from fusionlab.errors import FusionlabError
-from fusionlab.jobs._common import make_tracker
+from fusionlab.jobs._common import job_node, make_tracker
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     from fusionlab.merge.chat_vector import transfer
     from fusionlab.merge.derive import derive_models, label_of
 
-    if cfg.get("chat_vector") is None:
-        raise FusionlabError("job=chat_vector needs a chat_vector: block (base, chat, cp); start from "
-                             "+experiment=chat_vector.")
-    cv = OmegaConf.to_object(cfg.chat_vector).for_run(output_dir)
+    cv = job_node(cfg, "chat_vector", " (base, chat, cp)", "+experiment=chat_vector").for_run(output_dir)
     derived = derive_models(cv.derive, cv.base)
     metrics = transfer(cv, derived)
     with make_tracker(cfg, output_dir) as tr:

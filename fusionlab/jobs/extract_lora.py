@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from fusionlab.errors import FusionlabError
-from fusionlab.jobs._common import make_tracker
+from fusionlab.jobs._common import job_node, log_numbers, make_tracker
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -21,10 +20,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     from fusionlab.merge.lora import extract_lora, resolve_lora
     from fusionlab.models.resolve import resolve_checkpoint
 
-    if cfg.get("extract_lora") is None:
-        raise FusionlabError("job=extract_lora needs an extract_lora: block (base, finetuned, rank); start from "
-                             "+experiment=extract_lora.")
-    ec = OmegaConf.to_object(cfg.extract_lora)
+    ec = job_node(cfg, "extract_lora", " (base, finetuned, rank)", "+experiment=extract_lora")
     output = ec.output or str(output_dir / "lora")
     derived = derive_models(ec.derive, ec.base)
     metrics = extract_lora(ec.base, ec.finetuned, output, ec.rank, modules=ec.modules, dtype=ec.dtype,
@@ -33,6 +29,5 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         if ec.eval is not None:
             lora = resolve_lora(output, resolve_checkpoint(ec.base, derived))
             metrics.update(ec.eval.score({"base": ec.base, "finetuned": ec.finetuned, "lora": str(lora)}, derived))
-        tr.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        tr.summary(metrics)
+        log_numbers(tr, metrics)
     return metrics

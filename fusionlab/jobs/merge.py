@@ -11,20 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from fusionlab.errors import FusionlabError
-from fusionlab.jobs._common import make_tracker
+from fusionlab.jobs._common import job_node, log_numbers, make_tracker
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     from fusionlab.merge import merge, plan
     from fusionlab.merge.derive import derive_models, label_of
 
-    if cfg.get("merge") is None:
-        raise FusionlabError("job=merge needs a merge: block; start from +experiment=merge (or sce_merge), "
-                             "e.g. +experiment=merge merge.mergekit_config=path.yml.")
-    mc = OmegaConf.to_object(cfg.merge).for_run(output_dir / "merged", cfg.get("seed"))
+    mc = job_node(cfg, "merge", "", "+experiment=merge (or sce_merge), e.g. +experiment=merge "
+                  "merge.mergekit_config=path.yml").for_run(output_dir / "merged", cfg.get("seed"))
     derived = derive_models(mc.derive, mc.reference)
     planned = plan(mc, derived)  # every config error surfaces here, before a tracker or any output exists
     with make_tracker(cfg, output_dir) as tr:
@@ -37,6 +34,5 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             if ppl:
                 best = min(ppl[f"ppl_mean/{label}"] for label in inputs)
                 metrics["ppl_mean/merged_over_best_input"] = round(ppl["ppl_mean/merged"] / best, 4)
-        tr.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        tr.summary(metrics)
+        log_numbers(tr, metrics)
     return metrics

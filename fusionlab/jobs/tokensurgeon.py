@@ -11,25 +11,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from fusionlab.errors import FusionlabError
-from fusionlab.jobs._common import make_tracker
+from fusionlab.jobs._common import job_node, log_numbers, make_tracker
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     from fusionlab.merge.tokenizer import transplant
 
-    if cfg.get("tokensurgeon") is None:
-        raise FusionlabError("job=tokensurgeon needs a tokensurgeon: block (model, tokenizer); start from "
-                             "+experiment=tokensurgeon.")
-    ts = OmegaConf.to_object(cfg.tokensurgeon)
+    ts = job_node(cfg, "tokensurgeon", " (model, tokenizer)", "+experiment=tokensurgeon")
     output = ts.output or str(output_dir / "transplanted")
     metrics: dict[str, Any] = transplant(ts.model, ts.tokenizer, output, fill=ts.fill, dtype=ts.dtype,
                                          overwrite=ts.overwrite)
     with make_tracker(cfg, output_dir) as tr:
         if ts.eval is not None:
             metrics.update(ts.eval.score({"model": ts.model, "transplanted": output}))
-        tr.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        tr.summary(metrics)
+        log_numbers(tr, metrics)
     return metrics
