@@ -10,6 +10,16 @@ goes round-robin over the tasks, one chunk each, so every task gets numbers earl
 
     PYTHONPATH=. python experiments/eva/evidence.py run      # (nohup ... &) decode, appending to experiments/eva/evidence/
     PYTHONPATH=. python experiments/eva/evidence.py report   # the markdown table (+ evidence.json) from what exists
+    PYTHONPATH=. python experiments/eva/evidence.py run --split dev   # the same on each task's dev part -> evidence_dev/
+    PYTHONPATH=. python experiments/eva/evidence.py select             # the default that the dev part supports
+
+**Choosing the default on the dev part (rule fixed before the dev run, 2026-12-03 22:30 UTC).** The
+``eva_*`` experiments get one ensemble setting, chosen among the three variants below on the dev part
+of each task (the seeded dev part minus the demonstrations; the test part is never looked at): for each
+variant, its difference to the better member on that task's dev examples (accuracy; BLEU / 100), and the
+variant with the largest *minimum* over tasks wins (the targets ask "never worse than the best member"),
+ties broken by the mean. GSM8K is left out of the dev run (both members score 0 at this size; the most
+expensive task). The test table then reports the chosen variant beside the others, as before.
 
 Settings are not tuned on the reported examples: prompts (4-shot equation format) were chosen on the dev
 part of AddSub; the ensemble settings are the papers' (EVA: top-k 320, drop 3 for math / 40 for
@@ -33,6 +43,7 @@ from fusionlab.models import ModelSpec, cache_dir, load_model
 from fusionlab.tasks import TaskConfig, get_task, score, task_inputs
 
 OUT = Path(__file__).resolve().parent / "evidence"
+OUT_DEV = Path(__file__).resolve().parent / "evidence_dev"
 MAIN = ModelSpec(name="smollm2_135m", source="embedded", path="smollm2_135m")
 AUX = ModelSpec(name="gemma3_270m", source="embedded", path="gemma3_270m", use_chat_template=False)
 
@@ -52,6 +63,9 @@ class Plan:
 PLANS = [Plan("addsub_eq", 200, 4, 3), Plan("svamp_eq", 160, 4, 3), Plan("asdiv_eq", 120, 4, 3),
          Plan("commonsenseqa_direct", 120, 4, 3), Plan("e2e", 40, 2, 40, chunk=20),
          Plan("gsm8k", 16, 4, 3, max_new_tokens=160, chunk=8)]
+# the dev part: every dev example that is not a demonstration (dev_size 60 - n_shot), in two chunks
+DEV_PLANS = [Plan(p.task, 60 - p.n_shot, p.n_shot, p.drop, p.max_new_tokens, chunk=-(-(60 - p.n_shot) // 2))
+             for p in PLANS if p.task != "gsm8k"]
 
 
 def variants(plan: Plan) -> dict[str, DecodingOptions]:
@@ -60,8 +74,8 @@ def variants(plan: Plan) -> dict[str, DecodingOptions]:
             "gate": DecodingOptions(topk=320, drop=plan.drop, gate="confidence", gate_threshold=0.5, threads=1)}
 
 
-def examples_of(plan: Plan):
-    inputs = task_inputs(TaskConfig(name=plan.task, split="test", n_shot=plan.n_shot, limit=plan.n))
+def examples_of(plan: Plan, split: str = "test"):
+    inputs = task_inputs(TaskConfig(name=plan.task, split=split, n_shot=plan.n_shot, limit=plan.n))
     return inputs.examples, inputs.shots
 
 
@@ -77,16 +91,17 @@ def append(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
-def run(out: Path, first_members: int = 0) -> None:
+def run(out: Path, first_members: int = 0, split: str = "test") -> None:
+    plans = DEV_PLANS if split == "dev" else PLANS
     torch.set_num_threads(1)
     loaded = {s.name: load_model(s) for s in (MAIN, AUX)}
     members = [Member(s.name, *loaded[s.name], s.use_chat_template) for s in (MAIN, AUX)]
     alignments = None
-    schedule = [(plan, i) for i in range(max(-(-p.n // p.chunk) for p in PLANS)) for plan in PLANS
+    schedule = [(plan, i) for i in range(max(-(-p.n // p.chunk) for p in plans)) for plan in plans
                 if i * plan.chunk < plan.n]
-    first = [(plan, 0) for plan in PLANS[:first_members]]  # members alone need no alignment: may go first
+    first = [(plan, 0) for plan in plans[:first_members]]  # members alone need no alignment: may go first
     for k, (plan, i) in enumerate(first + schedule):
-        examples, shots = examples_of(plan)
+        examples, shots = examples_of(plan, split)
         chunk = examples[i * plan.chunk:(i + 1) * plan.chunk]
         ids = [ex["id"] for ex in chunk]
         new_tokens = plan.max_new_tokens or get_task(plan.task).max_new_tokens
@@ -122,13 +137,14 @@ def run(out: Path, first_members: int = 0) -> None:
                   f"gate fired {m['ensemble_gate_fired_frac']:.1%}", flush=True)
 
 
-def report(out: Path, resamples: int = 10000) -> tuple[str, dict]:
+def report(out: Path, resamples: int = 10000, split: str = "test") -> tuple[str, dict]:
     """The markdown table from every chunk that all systems of a task finished."""
+    plans = DEV_PLANS if split == "dev" else PLANS
     systems = [MAIN.name, AUX.name, *variants(PLANS[0])]
     lines = ["| task | n | metric | " + " | ".join(systems) + " | Δ best member (95% paired bootstrap) | gate fired |",
              "|---|---|---|" + "---|" * len(systems) + "---|---|"]
     table: dict = {}
-    for plan in PLANS:
+    for plan in plans:
         runs = {s: done_chunks(out / plan.task / f"{s}.jsonl") for s in systems}
         present = [s for s in systems if runs[s]]  # a variant not run yet shows as "-"
         if not set(systems[:2]) <= set(present):
@@ -136,7 +152,7 @@ def report(out: Path, resamples: int = 10000) -> tuple[str, dict]:
         chunks = sorted(set.intersection(*[set(runs[s]) for s in present]))
         if not chunks:
             continue
-        examples = {ex["id"]: ex for ex in examples_of(plan)[0]}
+        examples = {ex["id"]: ex for ex in examples_of(plan, split)[0]}
         ids = [i for c in chunks for i in runs[MAIN.name][c]["ids"]]
         chosen = [examples[i] for i in ids]
         metric = get_task(plan.task).metric
@@ -159,6 +175,7 @@ def report(out: Path, resamples: int = 10000) -> tuple[str, dict]:
         for s in [v for v in systems[2:] if v in present]:
             if correct[s][0] is None:
                 diffs.append(f"{s} {values[s] - values[best]:+.2f}")
+                table.setdefault(plan.task, {})[f"{s}_minus_best"] = [values[s] - values[best], None, None]
                 continue
             d = paired_bootstrap([float(c) for c in correct[s]], [float(c) for c in correct[best]],
                                  resamples=resamples, seed=0)
@@ -175,18 +192,41 @@ def report(out: Path, resamples: int = 10000) -> tuple[str, dict]:
     return "\n".join(lines), table
 
 
+def select(table: dict) -> tuple[str, str]:
+    """The rule of the module docstring: the variant whose worst dev difference to the better member is largest
+    (accuracy; BLEU / 100), ties broken by the mean difference. Returns (variant, a table that shows why)."""
+    names = list(variants(PLANS[0]))
+    deltas = {v: {task: row[f"{v}_minus_best"][0] / (100 if row["metric"] == "bleu" else 1)
+                  for task, row in table.items() if f"{v}_minus_best" in row} for v in names}
+    key = {v: (min(d.values()), sum(d.values()) / len(d)) for v, d in deltas.items() if d}
+    chosen = max(key, key=lambda v: key[v])
+    tasks = list(table)
+    lines = ["| variant | " + " | ".join(tasks) + " | worst | mean |", "|---|" + "---|" * (len(tasks) + 2)]
+    for v in key:
+        lines.append(f"| {v}{' (chosen)' if v == chosen else ''} | "
+                     + " | ".join(f"{deltas[v].get(t, float('nan')):+.3f}" for t in tasks)
+                     + f" | {key[v][0]:+.3f} | {key[v][1]:+.3f} |")
+    return chosen, "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["run", "report"])
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("mode", choices=["run", "report", "select"])
+    parser.add_argument("--split", choices=["test", "dev"], default="test", help="select always reads the dev run")
+    parser.add_argument("--out", type=Path, default=None, help="default: evidence/ (test), evidence_dev/ (dev)")
     parser.add_argument("--first-members", type=int, default=0,
                         help="decode the members of the first chunk of this many tasks before any ensemble")
     args = parser.parse_args(argv)
+    split = "dev" if args.mode == "select" else args.split
+    out = args.out or (OUT_DEV if split == "dev" else OUT)
     if args.mode == "run":
-        run(args.out, args.first_members)
-    text, table = report(args.out)
+        run(out, args.first_members, split)
+    text, table = report(out, split=split)
     print(text)
-    (args.out / "evidence.json").write_text(json.dumps(table, indent=1))
+    (out / "evidence.json").write_text(json.dumps(table, indent=1))
+    if args.mode == "select":
+        chosen, why = select(table)
+        print(f"\nDev differences to the better member (accuracy; BLEU / 100):\n{why}\n\nchosen: {chosen}")
 
 
 if __name__ == "__main__":
