@@ -21,7 +21,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
     ts = job_node(cfg, "tokensurgeon", " (model, tokenizer)", "+experiment=tokensurgeon")
     output = ts.output or str(output_dir / "transplanted")
-    metrics: dict[str, Any] = transplant(ts.model, ts.tokenizer, output, fill=ts.fill, dtype=ts.dtype,
+    metrics: dict[str, Any] = transplant(ts.model, ts.tokenizer, output, fill=ts.fill, omp_k=ts.omp_k, head_fill=ts.head_fill,
+                                         dtype=ts.dtype,
                                          overwrite=ts.overwrite)
     with make_tracker(cfg, output_dir) as tr:
         if ts.eval is not None:

@@ -37,13 +37,20 @@ import torch
 
 from fusionlab.errors import FusionlabError
 from fusionlab.merge.derive import PerplexityEval
-from fusionlab.merge.io import AUX_FILES, EMBED_NAMES, LM_HEAD_NAMES, CheckpointReader, is_embedding
+from fusionlab.merge.io import AUX_FILES, EMBED_NAMES, LM_HEAD_NAMES, CheckpointReader, is_embedding, is_input_embedding
 from fusionlab.models.resolve import DERIVED_PREFIX
 
 log = logging.getLogger(__name__)
 
 MODEL_PREFIX = "model:"
-FILLS = ("alignment", "donor", "mean", "zero")  # how a row an input lacks is made (alignment: fusionlab's)
+FILLS = ("alignment", "donor", "mean", "omp", "zero")  # how a row an input lacks is made (alignment: fusionlab's)
+OMP_K = 64  # fill=omp: anchors per new token; mergekit 0.1.5 tokensurgeon's default (-k 64, scripts/tokensurgeon.py)
+# fill=omp's search pool per token (atoms of largest |<y, atom>|). A pool of 4k alone is too small for small k: at
+# k = 4 (16 atoms) OMP on SmolLM2 -> Gemma-3 picked near-collinear anchors with coefficients up to 6.8 and rows up
+# to 10x the usual norm (perplexity 2.7e61), where mergekit's exact search and a 256-atom pool keep |c| <= 1.0
+# (/tmp probe, donor-space geometry only, no held-out text; experiments/merge/RESULTS.md).
+OMP_POOL = 256
+HEAD_FILLS = ("mean",)  # transplant head_fill: the output rows of the tokens the model lacks (untied head)
 TOKENIZER_FILES = tuple(f for f in AUX_FILES if f not in ("generation_config.json",))
 
 
@@ -114,12 +121,16 @@ class TokenizerConfig:
     source: str = "union"  # base | union | model:<ref>
     tokens: dict[str, TokenEmbedding] = field(default_factory=dict)  # token text -> its rows (added if new)
     pad_to_multiple_of: int | None = None  # round the vocabulary up (padding rows: each input's mean row)
-    fill: str = "alignment"  # rows an input lacks: alignment (EVA projection, else pieces) | donor | mean | zero
+    fill: str = "alignment"  # rows an input lacks: alignment (EVA projection, else pieces) | donor | mean | omp | zero
+    omp_k: int = OMP_K  # fill=omp: anchor tokens per row (mergekit's -k default)
 
     def __post_init__(self) -> None:
         check_source(self.source, "merge.tokenizer.source")
         if self.fill not in FILLS:
             raise FusionlabError(f"merge.tokenizer.fill={self.fill!r}: use one of {list(FILLS)}.")
+        if isinstance(self.omp_k, bool) or not isinstance(self.omp_k, int) or self.omp_k < 1:
+            raise FusionlabError(f"merge.tokenizer.omp_k={self.omp_k!r}: use an integer >= 1 (default {OMP_K}, "
+                                 "mergekit's tokensurgeon -k).")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise FusionlabError(f"merge.tokenizer.pad_to_multiple_of={self.pad_to_multiple_of}: use null or >= 1.")
         self.tokens = {t: _token_entry(e, f"merge.tokenizer.tokens[{t!r}]") for t, e in self.tokens.items()}
@@ -139,7 +150,134 @@ def tokenizer_config(tokenizer: TokenizerConfig | None, tokenizer_source: str | 
 
 
 # ---------------------------------------------------------------------------------------- tokenizers
+# The tokenizers :class:`JsonTokenizer` reads itself: verified (tests/merge/test_tokenizer_merge.py,
+# test_json_tokenizer_is_transformers_tokenizer) to give what ``AutoTokenizer`` gives — the same vocabulary, added
+# tokens, special ids and roles, and byte-identical files after the same added tokens — for these tokenizer classes
+# and model types. Anything else (another class or model type, a key that changes how transformers builds the
+# tokenizer, extra tokenizer files) goes through transformers as before.
+JSON_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast", "GemmaTokenizer")
+JSON_TOKENIZER_MODEL_TYPES = ("llama", "gemma3_text")
+_ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+_JSON_CONFIG_KEYS = {f"{r}_token" for r in _ROLES} | {"backend", "tokenizer_class", "extra_special_tokens", "is_local",
+                                                       "local_files_only", "model_max_length"}
+_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")  # the files such a tokenizer has
+
+
+def _content(token: Any) -> str | None:
+    """A token as tokenizer_config.json writes it (a string or an AddedToken dict): its text; None if neither."""
+    if isinstance(token, str):
+        return token
+    if isinstance(token, Mapping) and isinstance(token.get("content"), str):
+        return token["content"]
+    return None
+
+
+class JsonTokenizer:
+    """A transformers-saved fast tokenizer read straight from its ``tokenizer.json`` with the ``tokenizers`` library
+    (tens of ms; no ``import transformers``, whose import and per-model-type config modules cost 1–2 s per process
+    on this VM: experiments/merge/RESULTS.md, union-merge profile). It offers what the merge and
+    :mod:`fusionlab.align` read from a tokenizer (``get_vocab``, ``len``, ``added_tokens_decoder``,
+    ``all_special_ids``, ``<role>_token_id``, ``backend_tokenizer``), ``add_tokens``, and :meth:`save_files`, which
+    writes what ``save_pretrained`` writes for such a tokenizer. :meth:`read` returns None where that is not known
+    to hold (:data:`JSON_TOKENIZER_CLASSES`, :data:`JSON_TOKENIZER_MODEL_TYPES`): then transformers loads it."""
+
+    def __init__(self, path: Path, backend: Any, config: dict[str, Any], specials: dict[str, str]):
+        self.name_or_path = str(path)
+        self.dir = path
+        self.backend_tokenizer = backend
+        self._config = config
+        self._specials = specials  # role ("bos", ..., "extra<i>") -> token text
+        self._vocab: dict[str, int] | None = None
+        self._added: dict[int, Any] | None = None
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "JsonTokenizer | None":
+        path = Path(path)
+        if not (path / "tokenizer.json").is_file() or not (path / "tokenizer_config.json").is_file():
+            return None
+        if any((path / f).exists() for f in TOKENIZER_FILES if f not in _JSON_FILES):
+            return None
+        try:
+            config = json.loads((path / "tokenizer_config.json").read_text())
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError):
+            return None
+        if (not isinstance(config, dict) or set(config) - _JSON_CONFIG_KEYS or config.get("backend") != "tokenizers"
+                or config.get("tokenizer_class") not in JSON_TOKENIZER_CLASSES
+                or model_type not in JSON_TOKENIZER_MODEL_TYPES):
+            return None
+        specials = {}
+        for role in _ROLES:
+            if config.get(f"{role}_token") is not None:
+                specials[role] = _content(config[f"{role}_token"])
+        extra = config.get("extra_special_tokens", [])
+        if not isinstance(extra, list):
+            return None
+        specials.update({f"extra{i}": _content(t) for i, t in enumerate(extra)})
+        if any(t is None for t in specials.values()):
+            return None
+        from tokenizers import Tokenizer
+
+        try:
+            backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception:  # noqa: BLE001 - a file tokenizers cannot read: transformers reports it
+            return None
+        if any(backend.token_to_id(t) is None for t in specials.values()):
+            return None  # transformers would add the token: not the file's vocabulary any more
+        return cls(path, backend, config, specials)
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        if self._vocab is None:
+            self._vocab = self.backend_tokenizer.get_vocab(with_added_tokens=True)
+        return dict(self._vocab)
+
+    @property
+    def added_tokens_decoder(self) -> dict[int, Any]:
+        if self._added is None:
+            self._added = dict(sorted(self.backend_tokenizer.get_added_tokens_decoder().items()))
+        return dict(self._added)
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.backend_tokenizer.token_to_id(t) for t in dict.fromkeys(self._specials.values())]
+
+    def __getattr__(self, name: str) -> Any:
+        role, _, what = name.partition("_token")
+        if role in _ROLES and what in ("", "_id"):
+            text = self._specials.get(role)
+            return text if what == "" or text is None else self.backend_tokenizer.token_to_id(text)
+        raise AttributeError(name)
+
+    def add_tokens(self, tokens: Sequence[Any], special_tokens: bool = False) -> int:
+        """As transformers' ``add_tokens`` (the same calls on the same backend); returns the number added."""
+        before = len(self)
+        if special_tokens:
+            self.backend_tokenizer.add_special_tokens(list(tokens))
+        else:
+            self.backend_tokenizer.add_tokens(list(tokens))
+        self._vocab = self._added = None
+        return len(self) - before
+
+    def save_files(self, out_dir: str | os.PathLike) -> None:
+        """What ``save_pretrained`` writes for this tokenizer: tokenizer.json, and the dir's config and chat template."""
+        import shutil
+
+        out_dir = Path(out_dir)
+        self.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
+        for name in _JSON_FILES[1:]:
+            if (self.dir / name).exists():
+                shutil.copyfile(self.dir / name, out_dir / name)
+
+
 def load_tokenizer(path: str | os.PathLike, label: str):
+    """A merge input's tokenizer: a :class:`JsonTokenizer` where that is exactly transformers' tokenizer, else
+    ``AutoTokenizer``."""
+    fast = JsonTokenizer.read(path)
+    if fast is not None:
+        return fast
     from transformers import AutoTokenizer
 
     try:
@@ -182,6 +320,71 @@ def pieces(surface: bytes, index: Mapping[bytes, int], longest: int) -> list[int
         else:
             i += 1
     return out
+
+
+def omp(targets: torch.Tensor, atoms: torch.Tensor, k: int = 64, candidates: int | None = None, block: int = 256
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthogonal matching pursuit, batched: each row ``y`` of ``targets`` (n, d) as a ``k``-sparse combination
+    of rows of ``atoms`` (N, d). Step t adds the atom with the largest ``|<residual, atom>|`` (mergekit's rule:
+    atoms are not normalised) and refits all chosen atoms by least squares (incremental Cholesky of their
+    Gram matrix); an atom in the span of those already chosen gets coefficient 0.
+    Returns (atom ids (n, k) long, coefficients (n, k) float32): ``y ≈ coef @ atoms[ids]``.
+
+    The search runs over each target's ``candidates`` atoms of largest ``|<y, atom>|`` (default max(4k, 256); >= N: all
+    atoms, which is exact OMP, mergekit's ``batch_omp``): exact OMP scores every atom at every
+    step, k full (n × N) products; the pool makes it one product plus a (candidates × candidates) Gram matrix
+    per target. Blocked over targets (``block`` at a time), float32, memory O(block · (N + candidates²))."""
+    n, d = targets.shape
+    N = atoms.shape[0]
+    if k < 1 or k > N:
+        raise FusionlabError(f"omp: k={k} must be in [1, {N}] (the number of anchor tokens).")
+    m = min(N, max(4 * k, OMP_POOL) if candidates is None else candidates)
+    if m < k:
+        raise FusionlabError(f"omp: candidates={candidates} must be >= k={k}.")
+    A = atoms.float()
+    ids = torch.zeros(n, k, dtype=torch.long)
+    coef = torch.zeros(n, k)
+    for s in range(0, n, block):
+        y = targets[s:s + block].float()
+        b = y.shape[0]
+        corr0 = y @ A.T  # (b, N)
+        pool = corr0.abs().topk(m, dim=1).indices if m < N else torch.arange(N).expand(b, N)
+        alpha = corr0.gather(1, pool)  # <y, a_j> over the pool
+        del corr0
+        pa = A[pool]  # (b, m, d)
+        gram = pa @ pa.transpose(1, 2)  # (b, m, m)
+        del pa
+        cols = torch.zeros(b, m, k)  # gram columns of the chosen atoms
+        chol = torch.zeros(b, k, k)
+        sel = torch.zeros(b, k, dtype=torch.long)
+        live = torch.zeros(b, k, dtype=torch.bool)  # chosen and independent of the earlier ones
+        taken = torch.zeros(b, m, dtype=torch.bool)
+        rows = torch.arange(b)
+        corr = alpha.clone()
+        c = torch.zeros(b, 0)
+        for t in range(k):
+            j = corr.abs().masked_fill(taken, -1.0).argmax(dim=1)
+            taken[rows, j] = True
+            sel[:, t] = j
+            g = gram[rows, :, j]  # (b, m): <a_i, a_j>
+            cols[:, :, t] = g
+            gjj = g[rows, j]
+            if t:
+                w = torch.linalg.solve_triangular(chol[:, :t, :t], g.gather(1, sel[:, :t]).unsqueeze(-1),
+                                                  upper=False).squeeze(-1)
+                diag = gjj - (w * w).sum(dim=1)
+            else:
+                w, diag = torch.zeros(b, 0), gjj
+            ok = diag > 1e-6 * gjj.clamp_min(1e-30)
+            chol[:, t, :t] = w * ok[:, None]
+            chol[:, t, t] = torch.where(ok, diag.clamp_min(1e-30).sqrt(), torch.ones(()))
+            live[:, t] = ok
+            rhs = (alpha.gather(1, sel[:, :t + 1]) * live[:, :t + 1]).unsqueeze(-1)
+            c = torch.cholesky_solve(rhs, chol[:, :t + 1, :t + 1]).squeeze(-1) * live[:, :t + 1]
+            corr = alpha - torch.bmm(cols[:, :, :t + 1], c.unsqueeze(-1)).squeeze(-1)
+        ids[s:s + b] = pool.gather(1, sel)
+        coef[s:s + b] = c
+    return ids, coef
 
 
 def _as_added(surface: bytes, special: Any | None) -> Any | None:
@@ -252,14 +455,16 @@ class Vocabulary:
             return self._recipes[k]
         side, fill = self.sides[k], self.config.fill
         forced = {t for t, (e, _) in self.entries.items() if e.force}
-        missing = [int(t) for t in (side.perm < 0).nonzero()[:, 0]]
+        missing = (side.perm < 0).nonzero()[:, 0].tolist()
         missing += sorted(forced - set(missing))
         combos: dict[int, tuple[list[int], list[float]]] = {}
         copies: dict[int, tuple[Side, int]] = {}
         means: list[int] = []
         zeros: list[int] = []
-        counts = dict.fromkeys(("entry", "aligned", "pieces", "donor", "mean", "zero", "padding"), 0)
-        counts["exact"] = int((side.perm >= 0).sum()) - len(forced & set(int(t) for t in (side.perm >= 0).nonzero()[:, 0]))
+        counts = dict.fromkeys(("entry", "aligned", "omp", "pieces", "donor", "mean", "zero", "padding"), 0)
+        omp_targets: dict[int, tuple[Side, list[int]]] = {}
+        forced_had = [t for t in forced if 0 <= t < len(side.perm) and side.perm[t] >= 0]  # not a loop over the vocabulary
+        counts["exact"] = int((side.perm >= 0).sum()) - len(forced_had)
         projections: dict[int, Any] = {}
         longest = max((len(s) for s in side.index), default=1)
         for t in missing:
@@ -281,6 +486,10 @@ class Vocabulary:
                 (zeros if fill == "zero" else means).append(t)
                 continue
             donor = next((d for d in self.donors if d is not side and d.perm[t] >= 0), None)
+            if fill == "omp" and donor is not None:
+                counts["omp"] += 1
+                omp_targets.setdefault(id(donor), (donor, []))[1].append(t)
+                continue
             if fill == "donor":
                 if donor is None or donor.hidden != side.hidden:
                     raise FusionlabError(f"merge.tokenizer.fill=donor: no model of hidden size {side.hidden} has the "
@@ -288,7 +497,7 @@ class Vocabulary:
                 counts["donor"] += 1
                 copies[t] = (donor, int(donor.perm[t]))
                 continue
-            if donor is not None:
+            if donor is not None and fill == "alignment":
                 if id(donor) not in projections:
                     projections[id(donor)] = self._alignment(donor, side)
                 s = projections[id(donor)]
@@ -307,7 +516,8 @@ class Vocabulary:
                 means.append(t)
         self.stats.update({f"vocab/{k}/{name}": v for name, v in counts.items() if v})
         log.info("%s in the output vocabulary: %s", side.label, counts)
-        self._recipes[k] = RowRecipe.build(side.perm, combos, means, copies, zeros)
+        sparse = [OmpFill.build(side, donor, ids, self.config.omp_k) for donor, ids in omp_targets.values()]
+        self._recipes[k] = RowRecipe.build(side.perm, combos, means, copies, zeros, sparse)
         return self._recipes[k]
 
     # ----------------------------------------------------------------------------- output
@@ -321,6 +531,8 @@ class Vocabulary:
             for name in TOKENIZER_FILES:
                 if (self.source_dir / name).exists():
                     shutil.copy2(self.source_dir / name, out_dir / name)
+        elif isinstance(self.tokenizer, JsonTokenizer):
+            self.tokenizer.save_files(out_dir)
         else:
             self.tokenizer.save_pretrained(str(out_dir))
         ids = {f"{role}_token_id": getattr(self.tokenizer, f"{role}_token_id", None) for role in ("bos", "eos", "pad")}
@@ -346,10 +558,13 @@ class RowRecipe:
     means: torch.Tensor  # output ids set to the mean own row (padding ids, fill=mean, the last resort)
     copies: dict[int, tuple[Side, int]]  # output id -> (a model, its id): tokens entries, fill=donor
     zeros: list[int]  # output ids set to zero (fill=zero, source: zero entries)
+    sparse: list["OmpFill"] = field(default_factory=list)  # fill=omp: output ids made from anchor rows, per donor
+    prefix: int = 0  # perm[:prefix] == 0..prefix-1 (those rows are one contiguous copy)
+    identity: bool = False  # perm is 0..size-1 and nothing is filled: the input's tensor passes through
 
     @classmethod
     def build(cls, perm: torch.Tensor, combos: Mapping[int, tuple[list[int], list[float]]], means: list[int],
-              copies: dict[int, tuple[Side, int]], zeros: list[int]) -> "RowRecipe":
+              copies: dict[int, tuple[Side, int]], zeros: list[int], sparse: Sequence["OmpFill"] = ()) -> "RowRecipe":
         width = max((len(c) for c, _ in combos.values()), default=1)
         cols = torch.full((len(combos), width), -1, dtype=torch.long)
         vals = torch.zeros(len(combos), width)
@@ -357,19 +572,30 @@ class RowRecipe:
             cols[r, :len(c)] = torch.tensor(c, dtype=torch.long)
             vals[r, :len(w)] = torch.tensor(w)
         vals = vals / vals.sum(dim=1, keepdim=True).clamp_min(1e-12)
-        return cls(perm.clamp_min(0), torch.tensor(list(combos), dtype=torch.long), cols, vals,
-                   torch.tensor(means, dtype=torch.long), copies, zeros)
+        perm = perm.clamp_min(0)
+        same = perm == torch.arange(len(perm))
+        prefix = len(perm) if bool(same.all()) else int((~same).nonzero()[0, 0])
+        identity = prefix == len(perm) and not (combos or means or copies or zeros or sparse)
+        return cls(perm, torch.tensor(list(combos), dtype=torch.long), cols, vals,
+                   torch.tensor(means, dtype=torch.long), copies, zeros, list(sparse), prefix, identity)
 
     def apply(self, t: torch.Tensor, name: str, block: int = 8192) -> torch.Tensor:
         """``t`` (own rows × hidden) → (output size × hidden). A filled row is the weighted mean of its own rows,
         rescaled to their weighted mean norm (a plain mean of k distinct rows would shrink towards zero)."""
-        out = t.index_select(0, self.perm)
+        if self.identity and len(t) == len(self.perm):  # its own vocabulary, nothing filled: no copy
+            return t
+        n = min(self.prefix, len(t))  # output ids 0..n-1 are own ids 0..n-1: one copy, not a gather
+        out = torch.empty((len(self.perm), *t.shape[1:]), dtype=t.dtype)
+        out[:n] = t[:n]
+        out[n:] = t.index_select(0, self.perm[n:])
         for start in range(0, len(self.ids), block):
             cols, vals = self.cols[start:start + block], self.vals[start:start + block].to(t.dtype)
             rows = t[cols.clamp_min(0)]  # (b, width, hidden)
             mean = torch.einsum("bw,bwh->bh", vals, rows)
             norm = (vals * rows.norm(dim=2)).sum(dim=1)
             out[self.ids[start:start + block]] = mean * (norm / mean.norm(dim=1).clamp_min(1e-12))[:, None]
+        for fill in self.sparse:
+            fill.apply(t, name, out, block)
         if len(self.means):
             out[self.means] = t.mean(dim=0)
         for other in {id(o): o for o, _ in self.copies.values()}.values():
@@ -378,6 +604,62 @@ class RowRecipe:
         if self.zeros:
             out[self.zeros] = 0
         return out
+
+
+def _donor_tensor(reader: CheckpointReader, name: str) -> str:
+    """The donor's tensor that plays ``name``'s part: the same name (a tied lm_head: its embedding), else its
+    lm_head / input embedding by role."""
+    stored = reader.resolve_name(name)
+    if stored is not None:
+        return stored
+    roles = LM_HEAD_NAMES + EMBED_NAMES if name in LM_HEAD_NAMES or name.endswith("lm_head.weight") else EMBED_NAMES
+    found = next((reader.resolve_name(n) for n in roles if reader.resolve_name(n)), None)
+    return found or next(n for n in reader.names if is_embedding(n))
+
+
+@dataclass
+class OmpFill:
+    """fill=omp (mergekit's tokensurgeon ``-a omp``), the rows an input lacks that one donor has.
+
+    The *anchors* are the tokens both spell (same bytes). For each new token, :func:`omp` writes the donor's row
+    as a ``k``-sparse combination of the donor's anchor rows; the input's row is the same combination of its
+    own anchor rows (no rescaling). Each token-indexed tensor uses the donor's tensor of the same role (the
+    embedding's codes from the donor's embedding, an untied lm_head's from its lm_head, as mergekit does);
+    the codes are computed once per donor tensor."""
+
+    donor: Side
+    ids: torch.Tensor  # (n,) output ids filled
+    donor_ids: torch.Tensor  # (n,) the donor's ids of them
+    own: torch.Tensor  # (a,) anchors: the input's ids
+    anchors: torch.Tensor  # (a,) anchors: the donor's ids
+    k: int
+    _codes: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, side: Side, donor: Side, ids: list[int], k: int) -> "OmpFill":
+        both = ((side.perm >= 0) & (donor.perm >= 0)).nonzero()[:, 0]
+        d_ids, first = torch.unique(donor.perm[both], return_inverse=True)  # one anchor per donor row
+        pos = torch.full((len(d_ids),), len(both), dtype=torch.long).scatter_reduce(0, first, torch.arange(len(both)), "amin")
+        if len(d_ids) < k:
+            raise FusionlabError(f"fill=omp: omp_k={k} but {side.label} and {donor.label} share only {len(d_ids)} "
+                                 f"tokens (the anchors); use omp_k <= {len(d_ids)}.")
+        t = torch.tensor(ids, dtype=torch.long)
+        return cls(donor, t, donor.perm[t], side.perm[both[pos]], d_ids, k)
+
+    def codes(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        key = _donor_tensor(self.donor.reader, name)
+        if key not in self._codes:
+            m = self.donor.reader.get(key)
+            self._codes[key] = omp(m[self.donor_ids], m[self.anchors], self.k)
+            log.info("fill=omp: %d rows from %s's %s (k=%d, %d anchors)", len(self.ids), self.donor.label, key,
+                     self.k, len(self.anchors))
+        return self._codes[key]
+
+    def apply(self, t: torch.Tensor, name: str, out: torch.Tensor, block: int = 8192) -> None:
+        idx, coef = self.codes(name)
+        for s in range(0, len(self.ids), block):
+            rows = t[self.own[idx[s:s + block]]]  # (b, k, hidden)
+            out[self.ids[s:s + block]] = torch.einsum("bk,bkh->bh", coef[s:s + block].to(t.dtype), rows)
 
 
 def _entry_row(entry: TokenEmbedding, named: Side, surface: bytes | None) -> int:
@@ -508,12 +790,11 @@ def plan_vocabulary(tc: TokenizerConfig | None, inputs: Sequence[Any], derived: 
         size = -(-size // tc.pad_to_multiple_of) * tc.pad_to_multiple_of
     out_surf = surfaces(out_tok)[:size]
     out_surf += [None] * (size - len(out_surf))
-    out_hash = tokenizer_hash(out_tok)
 
     def side(label: str, reader: CheckpointReader, tok) -> Side:
         rows, dim = _rows_of(reader)
         index = _index(surfaces(tok), rows)
-        if tokenizer_hash(tok) == out_hash and rows == size:
+        if rows == size and len(tok) == len(out_tok) and tokenizer_hash(tok) == tokenizer_hash(out_tok):
             return Side(label, reader, tok, rows, dim, torch.arange(size), index)
         perm = torch.tensor([index.get(s, -1) if s else -1 for s in out_surf], dtype=torch.long)
         return Side(label, reader, tok, rows, dim, perm, index)
@@ -556,16 +837,20 @@ class _Input:
     reader: Any
 
 
-def transplant(model: str | Path, tokenizer_source: str, output: str | Path, *, fill: str = "mean",
-               dtype: str = "auto", overwrite: bool = False, derived: Mapping[str, str | Path] | None = None
-               ) -> dict[str, Any]:
+def transplant(model: str | Path, tokenizer_source: str, output: str | Path, *, fill: str = "omp",
+               dtype: str = "auto", overwrite: bool = False, derived: Mapping[str, str | Path] | None = None,
+               omp_k: int = OMP_K, head_fill: str | None = "mean") -> dict[str, Any]:
     """mergekit's ``tokensurgeon``: ``model`` on another tokenizer (``model:<ref>``; its model's weights, when
     there, lend their alignment), every row it lacks filled as in a merge (``fill``). Returns the row counts.
 
-    The default fill is ``mean``, not ``alignment`` as in merges: measured on SmolLM2 → Gemma-3's 262,144-token
-    tokenizer (experiments/merge/RESULTS.md) the alignment fill gives perplexity 2.6e6 against 137 for mean
-    and 261 for zero — with a tied head, ~216k rows that each resemble a real token compete with it for
-    the probability mass (likely cause, not verified)."""
+    Defaults ``fill=omp`` + ``head_fill=mean``, chosen on dev texts (experiments/merge/RESULTS.md, SmolLM2 →
+    Gemma-3's 262,144-token tokenizer; test perplexity 113 vs 137 for the tied mean fill). With a tied head any
+    informative fill fails (alignment: 2.6e6): the filled rows, as *output* rows, take 35–95% of the predicted
+    mass (ablation in RESULTS.md); as input rows only they help.
+
+    ``head_fill="mean"`` unties the head: the output rows of the tokens the model lacks are the mean of its
+    output rows that the new vocabulary keeps, while the input rows follow ``fill``; a tied model gets an
+    ``lm_head.weight`` of its own and ``tie_word_embeddings: false``."""
     from fusionlab.io import atomic_dir, check_output_path
     from fusionlab.merge.io import ST_DTYPES, ShardWriter, copy_aux_files
     from fusionlab.models.resolve import resolve_checkpoint, torch_dtype
@@ -574,8 +859,11 @@ def transplant(model: str | Path, tokenizer_source: str, output: str | Path, *, 
     if source_model(tokenizer_source) is None:
         raise FusionlabError(f"tokensurgeon.tokenizer={tokenizer_source!r}: give the tokenizer to move onto, "
                              "model:<dir | embedded name>.")
+    if head_fill is not None and head_fill not in HEAD_FILLS:
+        raise FusionlabError(f"tokensurgeon.head_fill={head_fill!r}: use null (the head follows fill) or one of "
+                             f"{list(HEAD_FILLS)}.")
     check_output_path(output, overwrite, key="tokensurgeon.output")  # before any tokenizer or tensor is read
-    tc = TokenizerConfig(source=tokenizer_source, fill=fill)
+    tc = TokenizerConfig(source=tokenizer_source, fill=fill, omp_k=omp_k)
     out_dtype = None if dtype == "auto" else torch_dtype(dtype, "tokensurgeon.dtype")
     inp = _Input(f"model {str(model)!r}", CheckpointReader(resolve_checkpoint(str(model), derived), f"model {model!r}"))
     vocabulary = plan_vocabulary(tc, [inp], derived)
@@ -584,11 +872,32 @@ def transplant(model: str | Path, tokenizer_source: str, output: str | Path, *, 
     for name in r.names:
         stored = ST_DTYPES[r.dtype[name]]
         entries.append((name, r.shape[name], (out_dtype or stored) if stored.is_floating_point else stored))
+    head = untie = None
+    if head_fill is not None and vocabulary is not None:
+        head = next((n for n in r.names if n in LM_HEAD_NAMES or n.endswith("lm_head.weight")), None)
+        if head is None:  # tied: the head is the input embedding; write it as a tensor of its own
+            embed = next(n for n in r.names if is_embedding(n))
+            untie = "lm_head.weight"
+            entries.append((untie, r.shape[embed], next(dt for n, _, dt in entries if n == embed)))
+    lacking = (vocabulary.sides[0].perm < 0) if vocabulary is not None else None
+
+    def head_rows(t: torch.Tensor) -> torch.Tensor:  # head_fill=mean: the rows the model lacks = the kept rows' mean
+        t = t.clone()
+        t[lacking] = t[~lacking].mean(dim=0)
+        return t
+
     with atomic_dir(output, overwrite=overwrite) as tmp:
         w = ShardWriter(tmp, entries, metadata={"fusionlab": "tokensurgeon", "tokenizer": tokenizer_source})
         try:
+            tied_head = None
             for name, _, dt in entries:
-                w.write(name, r.get(name, dtype=None if not dt.is_floating_point else torch.float32).to(dt))
+                if name == untie:  # appended last: the input embedding was read above
+                    w.write(name, tied_head)
+                    continue
+                t = r.get(name, dtype=None if not dt.is_floating_point else torch.float32)
+                if untie is not None and is_input_embedding(name):
+                    tied_head = head_rows(t).to(dt)
+                w.write(name, (head_rows(t) if name == head else t).to(dt))
                 r.release(name)
             w.finish()
         finally:
@@ -597,6 +906,11 @@ def transplant(model: str | Path, tokenizer_source: str, output: str | Path, *, 
         copy_aux_files(Path(r.dir), tmp)
         if vocabulary is not None:
             vocabulary.save(tmp)
+        if untie is not None:
+            path = tmp / "config.json"
+            cfg = json.loads(path.read_text())
+            cfg["tie_word_embeddings"] = False
+            path.write_text(json.dumps(cfg, indent=2) + "\n")
     return {"tokensurgeon_vocab": vocabulary.size if vocabulary else entries[0][1][0],
             **(vocabulary.stats if vocabulary else {}), "tokensurgeon_output": str(output)}
 
@@ -609,7 +923,9 @@ class TokenSurgeonConfig:
     model: str  # a dir, an embedded name
     tokenizer: str  # model:<ref>: the tokenizer to move onto (its model's weights, when there, lend the alignment)
     output: str | None = None  # default: <run dir>/transplanted
-    fill: str = "mean"  # mean | zero | alignment (rows the model lacks; alignment measured far worse here: transplant)
+    fill: str = "omp"  # omp | alignment | mean | zero: the input rows of the tokens the model lacks (chosen on dev texts)
+    omp_k: int = OMP_K  # fill=omp: anchor tokens per row (mergekit's tokensurgeon -k default)
+    head_fill: str | None = "mean"  # mean: untie the head, the lacking tokens' output rows = the mean row (null: = fill)
     dtype: str = "auto"
     overwrite: bool = False
     eval: PerplexityEval | None = None  # perplexity of the model and the transplant (each with its own tokenizer)
@@ -623,7 +939,12 @@ class TokenSurgeonConfig:
             raise FusionlabError(f"tokensurgeon.tokenizer={self.tokenizer!r}: give the tokenizer to move onto, "
                                  "model:<dir | embedded name>.")
         if self.fill not in FILLS or self.fill == "donor":
-            raise FusionlabError(f"tokensurgeon.fill={self.fill!r}: use alignment, mean or zero.")
+            raise FusionlabError(f"tokensurgeon.fill={self.fill!r}: use alignment, mean, omp or zero.")
+        if isinstance(self.omp_k, bool) or not isinstance(self.omp_k, int) or self.omp_k < 1:
+            raise FusionlabError(f"tokensurgeon.omp_k={self.omp_k!r}: use an integer >= 1 (default {OMP_K}).")
+        if self.head_fill is not None and self.head_fill not in HEAD_FILLS:
+            raise FusionlabError(f"tokensurgeon.head_fill={self.head_fill!r}: use null (the head follows fill) or one "
+                                 f"of {list(HEAD_FILLS)}.")
         if self.dtype != "auto":
             torch_dtype(self.dtype, "tokensurgeon.dtype")
         if not _ref_exists(self.model):
