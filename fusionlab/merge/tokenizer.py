@@ -155,21 +155,12 @@ def tokenizer_config(tokenizer: TokenizerConfig | None, tokenizer_source: str | 
 # tokens, special ids and roles, and byte-identical files after the same added tokens — for these tokenizer classes
 # and model types. Anything else (another class or model type, a key that changes how transformers builds the
 # tokenizer, extra tokenizer files) goes through transformers as before.
-JSON_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast", "GemmaTokenizer")
+JSON_TOKENIZER_CLASSES = ("TokenizersBackend", "GemmaTokenizer")
 JSON_TOKENIZER_MODEL_TYPES = ("llama", "gemma3_text")
 _ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 _JSON_CONFIG_KEYS = {f"{r}_token" for r in _ROLES} | {"backend", "tokenizer_class", "extra_special_tokens", "is_local",
                                                        "local_files_only", "model_max_length"}
 _JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")  # the files such a tokenizer has
-
-
-def _content(token: Any) -> str | None:
-    """A token as tokenizer_config.json writes it (a string or an AddedToken dict): its text; None if neither."""
-    if isinstance(token, str):
-        return token
-    if isinstance(token, Mapping) and isinstance(token.get("content"), str):
-        return token["content"]
-    return None
 
 
 class JsonTokenizer:
@@ -203,19 +194,16 @@ class JsonTokenizer:
         except (OSError, ValueError):
             return None
         if (not isinstance(config, dict) or set(config) - _JSON_CONFIG_KEYS or config.get("backend") != "tokenizers"
-                or config.get("tokenizer_class") not in JSON_TOKENIZER_CLASSES
+                or "model_max_length" not in config or config.get("tokenizer_class") not in JSON_TOKENIZER_CLASSES
                 or model_type not in JSON_TOKENIZER_MODEL_TYPES):
             return None
-        specials = {}
-        for role in _ROLES:
-            if config.get(f"{role}_token") is not None:
-                specials[role] = _content(config[f"{role}_token"])
+        specials = {role: config[f"{role}_token"] for role in _ROLES if config.get(f"{role}_token") is not None}
         extra = config.get("extra_special_tokens", [])
         if not isinstance(extra, list):
             return None
-        specials.update({f"extra{i}": _content(t) for i, t in enumerate(extra)})
-        if any(t is None for t in specials.values()):
-            return None
+        specials.update({f"extra{i}": t for i, t in enumerate(extra)})
+        if not all(isinstance(t, str) for t in specials.values()):
+            return None  # AddedToken dicts: transformers rewrites them; not reproduced here
         from tokenizers import Tokenizer
 
         try:
@@ -267,9 +255,11 @@ class JsonTokenizer:
 
         out_dir = Path(out_dir)
         self.backend_tokenizer.save(str(out_dir / "tokenizer.json"))
-        for name in _JSON_FILES[1:]:
-            if (self.dir / name).exists():
-                shutil.copyfile(self.dir / name, out_dir / name)
+        config = {**self._config, "is_local": True, "local_files_only": False}  # as a tokenizer read from a dir
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False)
+                                                       + "\n", encoding="utf-8")
+        if (self.dir / "chat_template.jinja").exists():
+            shutil.copyfile(self.dir / "chat_template.jinja", out_dir / "chat_template.jinja")
 
 
 def load_tokenizer(path: str | os.PathLike, label: str):

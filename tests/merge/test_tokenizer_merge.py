@@ -269,3 +269,113 @@ def test_mergekit_union_config_runs_and_fill_donor_is_mergekits_rule(tmp_path, p
             assert torch.equal(fl[name][fl_ids[shared]], t[mk_ids[shared]]), name
         else:
             assert torch.equal(donor[name], t) and torch.equal(fl[name], t), name
+
+
+def _json_dirs(pair) -> list[Path]:
+    """The tokenizers the JSON fast path is checked on: the fixture's two, and the embedded SmolLM2 / Gemma-3."""
+    from fusionlab.models import embedded_checkpoint
+
+    a, b, _ = pair
+    dirs = [a, b]
+    for name in ("smollm2_135m", "gemma3_270m"):
+        try:
+            dirs.append(Path(embedded_checkpoint(name)))
+        except Exception:  # noqa: BLE001 - an embedded model that is not unpacked here: checked where it is
+            pass
+    return dirs
+
+
+def test_json_tokenizer_is_transformers_tokenizer(tmp_path, pair):
+    """JsonTokenizer (tokenizer.json read by the tokenizers library, no transformers) gives exactly what
+    AutoTokenizer gives: vocabulary, added tokens, special ids and roles, surfaces, hash; after the same added tokens
+    (plain and special) the same length and byte-identical files to save_pretrained's."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from fusionlab.align.vocab import special_ids, special_roles, tokenizer_hash
+    from fusionlab.merge.tokenizer import JsonTokenizer, surfaces
+
+    for d in _json_dirs(pair):
+        fast, ref = JsonTokenizer.read(d), AutoTokenizer.from_pretrained(str(d))
+        assert fast is not None, d
+        assert len(fast) == len(ref) and fast.get_vocab() == ref.get_vocab(), d
+        key = lambda t: (t.content, t.special, t.normalized, t.lstrip, t.rstrip, t.single_word)  # noqa: E731
+        assert {i: key(t) for i, t in fast.added_tokens_decoder.items()} == \
+            {i: key(t) for i, t in ref.added_tokens_decoder.items()}, d
+        assert set(fast.all_special_ids) == set(ref.all_special_ids), d
+        assert special_ids(fast) == special_ids(ref) and special_roles(fast) == special_roles(ref), d
+        assert surfaces(fast) == surfaces(ref) and tokenizer_hash(fast) == tokenizer_hash(ref), d
+        assert fast.eos_token == ref.eos_token and fast.eos_token_id == ref.eos_token_id, d
+        for tok in (fast, ref):
+            tok.add_tokens([AddedToken(" zqx restaurant", normalized=False, special=False),
+                            AddedToken(" qqz", normalized=False, special=False)])
+            tok.add_tokens([AddedToken("<|zz_tool|>", normalized=False, special=True)], special_tokens=True)
+        assert len(fast) == len(ref) == len(ref.get_vocab()) and fast.get_vocab() == ref.get_vocab(), d
+        out_fast, out_ref = tmp_path / f"{d.name}_fast", tmp_path / f"{d.name}_ref"
+        out_fast.mkdir()
+        fast.save_files(out_fast)
+        ref.save_pretrained(str(out_ref))
+        assert sorted(p.name for p in out_fast.iterdir()) == sorted(p.name for p in out_ref.iterdir()), d
+        for f in out_ref.iterdir():
+            assert (out_fast / f.name).read_bytes() == f.read_bytes(), (d, f.name)
+
+
+def test_json_tokenizer_falls_back_to_transformers(tmp_path, pair):
+    """A tokenizer the fast path is not known to reproduce (another class, a key that changes the build, extra
+    tokenizer files, another model type) is read by transformers."""
+    from fusionlab.merge.tokenizer import JsonTokenizer, load_tokenizer
+
+    a, _, _ = pair
+    base = json.loads((a / "tokenizer_config.json").read_text())
+    cases = {"class": {**base, "tokenizer_class": "LlamaTokenizer"}, "key": {**base, "add_bos_token": True}}
+    for name, cfg in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        for f in ("tokenizer.json", "config.json"):
+            (d / f).write_bytes((a / f).read_bytes())
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+        assert JsonTokenizer.read(d) is None, name
+        assert not isinstance(load_tokenizer(d, name), JsonTokenizer), name
+    d = tmp_path / "files"
+    d.mkdir()
+    for f in ("tokenizer.json", "config.json", "tokenizer_config.json"):
+        (d / f).write_bytes((a / f).read_bytes())
+    (d / "special_tokens_map.json").write_text("{}")
+    assert JsonTokenizer.read(d) is None
+    (d / "special_tokens_map.json").unlink()
+    (d / "config.json").write_text(json.dumps({**json.loads((a / "config.json").read_text()), "model_type": "qwen2"}))
+    assert JsonTokenizer.read(d) is None
+
+
+@pytest.mark.parametrize("fill", ["donor", "alignment", "mean"])
+def test_json_tokenizer_merge_equals_the_transformers_path(tmp_path, pair, monkeypatch, fill):
+    """The same union merge with the tokenizers read by JsonTokenizer and by transformers: bit-equal tensors,
+    byte-identical tokenizer files, the same row counts."""
+    from fusionlab.merge.tokenizer import JsonTokenizer
+
+    a, b, _ = pair
+    merge(_cfg(tmp_path / "fast", a, b, tokenizer={"source": "union", "fill": fill}))
+    monkeypatch.setattr(JsonTokenizer, "read", classmethod(lambda cls, path: None))
+    merge(_cfg(tmp_path / "ref", a, b, tokenizer={"source": "union", "fill": fill}))
+    fast, ref = load_dir(tmp_path / "fast"), load_dir(tmp_path / "ref")
+    assert fast.keys() == ref.keys() and all(torch.equal(fast[n], ref[n]) for n in ref)
+    for f in ("tokenizer.json", "tokenizer_config.json", "config.json", "fusionlab_vocabulary.json"):
+        assert (tmp_path / "fast" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes(), f
+
+
+def test_row_recipe_identity_and_prefix_are_the_gather():
+    """RowRecipe.apply's shortcuts (no copy for an identity map, one copy for a leading identity run) give what the
+    plain gather gives."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(10, 4, generator=g)
+    ident = RowRecipe.build(torch.arange(10), {}, [], {}, [])
+    assert ident.identity and ident.apply(t, "x") is t
+    perm = torch.tensor([0, 1, 2, 3, 7, 5, -1, 9, 8, 4, -1])
+    r = RowRecipe.build(perm, {6: ([1, 2], [1.0, 1.0])}, [10], {}, [])
+    assert not r.identity and r.prefix == 4
+    want = t.index_select(0, perm.clamp_min(0))
+    got = r.apply(t, "x")
+    keep = [i for i in range(11) if i not in (6, 10)]
+    assert torch.equal(got[keep], want[keep]) and torch.equal(got[10], t.mean(0))
+    short = RowRecipe.build(torch.arange(8), {}, [], {}, [])  # the input has more rows than the output: cut
+    assert torch.equal(short.apply(t, "x"), t[:8])
