@@ -12,12 +12,14 @@ the UTF-8 bytes of the characters it covers. Per conversation: Σ NLL / Σ bytes
 over conversations, differences paired.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python experiments/distill/source_advantage.py [--split heldout|dev|train]
+        [--source DIR]   # another source checkpoint (default: the embedded Gemma-3-270M)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,7 +59,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)  # fusechat_pairwise's distill.data.max_length
     ap.add_argument("--dev-size", type=int, default=64)  # fusechat_pairwise's distill.data.dev_size
     ap.add_argument("--limit", type=int, default=64, help="conversations scored (train: the first N)")
+    ap.add_argument("--source", help="a source checkpoint dir (default: the embedded Gemma-3-270M, plain text)")
     args = ap.parse_args()
+    source = SOURCE if args.source is None else ModelSpec(name=Path(args.source).name, source="hf", path=args.source)
     torch.set_num_threads(1)
     dc = DataConfig(dev_size=args.dev_size, max_length=args.max_length)
     train, heldout, dev = split_conversations(load_conversations(dc.path), dc.heldout, dc.heldout_seed, dc.dev_size)
@@ -67,8 +71,9 @@ def main() -> None:
     texts = prepare_texts(pivot_tok, conversations, args.max_length)
     scores = {PIVOT.name: nats_per_byte(pivot_model, pivot_tok, texts, add_bos=False)}
     del pivot_model
-    source_model, source_tok = load_model(SOURCE)
-    scores[SOURCE.name] = nats_per_byte(source_model, source_tok, texts, add_bos=True)
+    source_model, source_tok = load_model(source)
+    adds_bos = source_tok.bos_token_id is not None and source_tok("a")["input_ids"][:1] == [source_tok.bos_token_id]
+    scores[source.name] = nats_per_byte(source_model, source_tok, texts, add_bos=adds_bos)
     per_conv = {k: [n / b for n, b in zip(*v)] for k, v in scores.items()}
     out = {"split": args.split, "conversations": len(texts), "max_length": args.max_length,
            "assistant_bytes": sum(scores[PIVOT.name][1])}
@@ -79,8 +84,8 @@ def main() -> None:
         pooled = sum(scores[name][0]) / sum(scores[name][1])
         out[name] = {"mean": d.diff, "low": d.low, "high": d.high, "pooled": pooled}
         print(f"| {name} | {d.diff:.4f} [{d.low:.4f}, {d.high:.4f}] | {pooled:.4f} |")
-    d = paired_bootstrap(per_conv[SOURCE.name], per_conv[PIVOT.name], resamples=10000, seed=0)
-    wins = float(np.mean([s < p for s, p in zip(per_conv[SOURCE.name], per_conv[PIVOT.name])]))
+    d = paired_bootstrap(per_conv[source.name], per_conv[PIVOT.name], resamples=10000, seed=0)
+    wins = float(np.mean([s < p for s, p in zip(per_conv[source.name], per_conv[PIVOT.name])]))
     out["source_minus_pivot"] = {"diff": d.diff, "low": d.low, "high": d.high, "source_better_share": wins}
     print(f"| source − pivot (paired) | {d.diff:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | source better on {wins:.0%} |")
     print(json.dumps(out))
