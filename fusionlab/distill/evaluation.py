@@ -15,7 +15,8 @@ it never trained on (the held-out split of :func:`fusionlab.distill.conversation
   Wilson intervals and a paired difference over the same examples.
 
 Metric names: ``<split>/ce/<model>`` (+ ``_low``/``_high``), ``<split>/ppl/<model>``,
-``<split>/ce_diff/<a>_minus_<b>``, ``<split>/<task metric>/<model>``; ``<split>`` is ``heldout``
+``<split>/ce_diff/<a>_minus_<b>``, ``<split>/<task metric>/<model>`` (``<split>/task``: the task's name,
+``<split>/<task metric>_examples``: its n); ``<split>`` is ``heldout``
 (``dev`` when settings are being chosen on a dev slice of the training conversations).
 """
 from __future__ import annotations
@@ -163,7 +164,7 @@ def task_metrics(per_model: dict[str, list[float]], metric: str, split: str = "h
     """Task accuracy per model with a Wilson interval, and paired differences over the same examples."""
     from fusionlab.metrics.stats import wilson_interval
 
-    metrics: dict[str, Any] = {}
+    metrics: dict[str, Any] = {f"{split}/{metric}_examples": max((len(c) for c in per_model.values()), default=0)}
     for name, correct in per_model.items():
         k, n = int(sum(correct)), len(correct)
         low, high = wilson_interval(k, n)
@@ -200,12 +201,14 @@ class HeldoutScores:
     ce: dict[str, list[float]] = field(default_factory=dict)
     task: dict[str, list[float]] = field(default_factory=dict)
     task_metric: str | None = None
+    task_name: str | None = None
     differences: list[tuple[str, str]] | None = None  # default DIFFERENCES (fused/clm/pivot)
 
     def score(self, name: str, model, tokenizer, texts: list[dict[str, Any]], config: EvalConfig,
               use_chat_template: bool = True, seed: int = 0) -> None:
         self.ce[name] = assistant_ce(model, tokenizer, texts, config.batch_size)
         if config.task is not None:
+            self.task_name = config.task
             self.task_metric, self.task[name] = task_correct(model, tokenizer, use_chat_template,
                                                              config.task_config(), config.generation, seed)
 
@@ -214,4 +217,5 @@ class HeldoutScores:
         out = ce_metrics(self.ce, self.split, seed, diffs)
         if self.task_metric:
             out.update(task_metrics(self.task, self.task_metric, self.split, seed, diffs))
+            out[f"{self.split}/task"] = self.task_name
         return out

@@ -10,12 +10,15 @@ every cache complete and only read it.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from fusionlab.jobs._common import check_resume, lightning_trainer
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -35,5 +38,13 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if dc.mode == "implicit":  # FuseChat-3.0: sample, score, SFT, DPO/WRPO (fusionlab.distill.implicit)
         from fusionlab.distill.implicit import implicit_fusion
 
-        return implicit_fusion(dc, lambda out: lightning_trainer(cfg, out), output_dir, **fit_kwargs)
-    return distill(dc, lambda out: lightning_trainer(cfg, out), output_dir, **fit_kwargs)
+        metrics = implicit_fusion(dc, lambda out: lightning_trainer(cfg, out), output_dir, **fit_kwargs)
+        baseline = "sft"
+    else:
+        metrics = distill(dc, lambda out: lightning_trainer(cfg, out), output_dir, **fit_kwargs)
+        baseline = "clm"
+    from fusionlab.report.tables import comparison_markdown
+
+    if table := comparison_markdown(metrics, ("pivot", baseline, "fused"), ("fused", baseline)):  # read first
+        log.info("held-out comparison (value [95%% interval]; fused − %s paired):\n%s", baseline, table)
+    return metrics

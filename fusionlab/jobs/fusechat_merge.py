@@ -75,4 +75,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
             metrics["ppl_mean/merged_over_pivot"] = round(ppl["ppl_mean/merged"] / ppl["ppl_mean/pivot"], 4)
         tr.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
         tr.summary(metrics)
+    from fusionlab.report.tables import comparison_markdown
+
+    if table := comparison_markdown(metrics, models, ("merged", "pivot")):  # FuseChat's table
+        log.info("held-out comparison (value [95%% interval]; merged − pivot paired):\n%s", table)
     return metrics

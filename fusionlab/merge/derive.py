@@ -131,7 +131,10 @@ def finetune(base_dir: str | Path, texts: list[str], out_dir: str | Path, *, ste
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     losses = []
-    for step in range(steps):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(steps), desc=f"fine-tune {out_dir.name}", unit="step", leave=False, disable=steps < 16)
+    for _ in bar:
         idx = torch.randint(len(texts), (batch_size,), generator=g).tolist()
         enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
@@ -140,6 +143,7 @@ def finetune(base_dir: str | Path, texts: list[str], out_dir: str | Path, *, ste
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(round(float(loss.detach()), 4))
+        bar.set_postfix(loss=losses[-1])
     log.info("fine-tuned %s for %d steps: loss %s", base_dir, steps, losses)
     with atomic_dir(out_dir, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

@@ -85,22 +85,35 @@ def _with_interval(metrics: dict[str, Any], key: str) -> str | None:
         else f"{value:.4f}"
 
 
-def heldout_rows(runs: Iterable[Any]) -> list[dict[str, Any]]:
-    """Per distill run with held-out scores: pivot / CLM baseline / fused side by side (value [95% interval]),
-    and the paired fused − CLM difference, for CE and for the task metric when there is one."""
+def heldout_comparison(metrics: dict[str, Any], run: str | None = None, models: Iterable[str] = COMPARED,
+                       difference: tuple[str, str] = ("fused", "clm")) -> list[dict[str, Any]]:
+    """One run's held-out (or dev) scores: ``models`` side by side (value [95% interval]; by default pivot /
+    CLM baseline / fused) and the paired ``difference`` (a − b), for CE and for the task metric if any."""
+    models, (a, b) = list(models), difference
     rows = []
-    for run in runs:
-        m = run.metrics
-        for split in ("heldout", "dev"):
-            if not any(k.startswith(f"{split}/ce/") for k in m):
-                continue
-            metric_names = sorted({k.split("/")[1] for k in m if k.startswith(f"{split}/")
-                                   and k.count("/") == 2 and k.split("/")[2] in COMPARED} - {"ppl"})
-            for metric in metric_names:
-                row = {"run": run.name, "split": split, "metric": metric,
-                       "n": m.get(f"{split}/conversations") if metric == "ce" else None}
-                for model in COMPARED:
-                    row[model] = _with_interval(m, f"{split}/{metric}/{model}")
-                row["fused − clm"] = _with_interval(m, f"{split}/{metric}_diff/fused_minus_clm")
-                rows.append(row)
+    for split in ("heldout", "dev"):
+        if not any(k.startswith(f"{split}/ce/") for k in metrics):
+            continue
+        metric_names = sorted({k.split("/")[1] for k in metrics if k.startswith(f"{split}/")
+                               and k.count("/") == 2 and k.split("/")[2] in models} - {"ppl"})
+        for metric in metric_names:
+            task = metrics.get(f"{split}/task") if metric != "ce" else None
+            row = {"run": run, "split": split, "metric": f"{task} {metric}" if task else metric,
+                   "n": metrics.get(f"{split}/conversations") if metric == "ce" else metrics.get(f"{split}/{metric}_examples")}
+            for model in models:
+                row[model] = _with_interval(metrics, f"{split}/{metric}/{model}")
+            row[f"{a} − {b}"] = _with_interval(metrics, f"{split}/{metric}_diff/{a}_minus_{b}")
+            rows.append(row)
     return rows
+
+
+def comparison_markdown(metrics: dict[str, Any], models: Iterable[str] = COMPARED,
+                        difference: tuple[str, str] = ("fused", "clm")) -> str:
+    """:func:`heldout_comparison` as the Markdown table a job prints at its end ('' when nothing was scored)."""
+    rows = heldout_comparison(metrics, models=models, difference=difference)
+    return to_markdown([{k: v for k, v in r.items() if k != "run"} for r in rows]) if rows else ""
+
+
+def heldout_rows(runs: Iterable[Any]) -> list[dict[str, Any]]:
+    """:func:`heldout_comparison` of every run (``.name``, ``.metrics``) that has held-out scores."""
+    return [row for run in runs for row in heldout_comparison(run.metrics, run.name)]

@@ -137,3 +137,20 @@ def test_report_shows_pivot_clm_and_fused_side_by_side(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[:4] == ["runs/a", "heldout", "ce", "3"] and cells[4].startswith("2.2000 [")
     assert cells[7].startswith(f"{m['heldout/ce_diff/fused_minus_clm']:.4f} [")  # paired: -0.0667
+
+
+def test_a_distill_job_ends_with_the_comparison_table_naming_the_task():
+    from fusionlab.report.tables import comparison_markdown
+
+    m = {**ce_metrics({"pivot": [2.0, 2.2, 2.4], "clm": [1.9, 2.1, 2.3], "fused": [1.8, 2.1, 2.2]}, "heldout"),
+         **task_metrics({"pivot": [0, 1, 0, 0], "clm": [1, 1, 0, 0], "fused": [1, 1, 0, 1]}, "accuracy"),
+         "heldout/task": "addsub_eq"}
+    assert m["heldout/accuracy_examples"] == 4
+    lines = comparison_markdown(m).splitlines()
+    assert comparison_markdown({"final/train_loss": 1.0}) == ""  # nothing scored: no table
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
+            for line in lines if line.startswith("| heldout")}
+    assert rows["addsub_eq accuracy"][1:3] == ["addsub_eq accuracy", "4"]
+    # fused 3/4, Wilson by hand: centre (0.75 + z²/8) / (1 + z²/4) = 0.6275, half-width 0.3269 (z = 1.96)
+    assert rows["addsub_eq accuracy"][5] == "0.7500 [0.3006, 0.9544]"
+    assert rows["ce"][2] == "3" and rows["ce"][6].startswith(f"{m['heldout/ce_diff/fused_minus_clm']:.4f} [")
