@@ -18,6 +18,12 @@ Pre-registered (this docstring was committed before any of its runs; nothing is 
   fused − CLM cross-entropy with its paired interval. Fusion "works here" iff that interval lies below 0.
   Also reported (not a criterion): the source's held-out advantage, AddSub accuracy.
 
+Attempt 1 (2026-12-04 06:24–06:41 UTC; 180 steps × 2, lr 1e-4): dev source − pivot **−0.0071 [−0.0194,
++0.0052]** nats/byte (source better on 56% of the 64 dev conversations; pivot 0.358, source 0.351): the
+interval does not lie below 0, so by the rule above it stopped there, its held-out run not made.
+Attempt 2 (pre-registered here, committed before it ran, same rule, same dev gate): a stronger fine-tune of
+the same data — twice the steps at twice the learning rate (``--attempt 2``: 360 steps × 2, lr 2e-4).
+
     PYTHONPATH=. python experiments/distill/advantaged_source.py prepare   # the source's data + fine-tune (cached)
     PYTHONPATH=. python experiments/distill/advantaged_source.py dev       # step 1
     PYTHONPATH=. python experiments/distill/advantaged_source.py run       # step 2 (a fusionlab.run job)
@@ -33,7 +39,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 POOL_ROWS = (192, 372)  # of the training pool after the held-out/dev split; fusechat_pairwise trains on [0, 192)
-SOURCE_FIT = {"steps": 180, "batch_size": 2, "lr": 1e-4, "max_length": 256, "seed": 0}
+SOURCE_FITS = {1: {"steps": 180, "batch_size": 2, "lr": 1e-4, "max_length": 256, "seed": 0},
+               2: {"steps": 360, "batch_size": 2, "lr": 2e-4, "max_length": 256, "seed": 0}}
+SOURCE_FIT = SOURCE_FITS[1]  # set from --attempt
 PIVOT = "smollm2_135m"
 
 
@@ -76,7 +84,10 @@ def main() -> None:
     ap.add_argument("step", choices=["prepare", "dev", "heldout_advantage", "run"])
     ap.add_argument("--work", default="/tmp/advantaged_source")
     ap.add_argument("--run-dir", default="/tmp/advantaged_source/run")
+    ap.add_argument("--attempt", type=int, choices=sorted(SOURCE_FITS), default=2)
     args = ap.parse_args()
+    SOURCE_FIT.clear()
+    SOURCE_FIT.update(SOURCE_FITS[args.attempt])
     work = Path(args.work)
     if args.step == "prepare":
         prepare(work)
