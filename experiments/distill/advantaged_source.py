@@ -23,6 +23,10 @@ Attempt 1 (2026-12-04 06:24–06:41 UTC; 180 steps × 2, lr 1e-4): dev source �
 interval does not lie below 0, so by the rule above it stopped there, its held-out run not made.
 Attempt 2 (pre-registered here, committed before it ran, same rule, same dev gate): a stronger fine-tune of
 the same data — twice the steps at twice the learning rate (``--attempt 2``: 360 steps × 2, lr 2e-4).
+Result (06:41–06:53 UTC): it memorised its 180 conversations (train loss 2.5 → 0.10–0.28) and predicts the
+dev replies *worse* than the pivot: source − pivot **+0.0926 [+0.0722, +0.1133]** nats/byte (better on 12%):
+gate failed again; stopped, no held-out run, no third attempt (more attempts would be a search on dev
+with the held-out test still to come; a design for the next one is in docs/distill.md).
 
     PYTHONPATH=. python experiments/distill/advantaged_source.py prepare   # the source's data + fine-tune (cached)
     PYTHONPATH=. python experiments/distill/advantaged_source.py dev       # step 1
