@@ -193,6 +193,11 @@ def test_cli_fusechat_pairwise_with_real_models(tmp_path):
     assert m["fit/steps"] == 1 and m["align/gemma3_270m/exact_rate"] > 0.8
     assert m["align/gemma3_270m/vocab_coverage"] > 0.5  # real models' top-k tokens are mostly shared words
     assert 0 < m["final/train_loss"] < 20
+    console = proc.stdout + proc.stderr  # the run ends with the comparison a person reads: the same numbers
+    assert "held-out comparison" in console
+    ce_row = next(line for line in console.splitlines() if line.startswith("| heldout | ce |"))
+    assert f"{m['heldout/ce/fused']:.4f} [" in ce_row and f"{m['heldout/ce_diff/fused_minus_clm']:.4f} [" in ce_row
+    assert any(line.startswith("| heldout | addsub_eq accuracy | 40 |") for line in console.splitlines())
 
 
 # sharded fits on a GPU (fsdp, deepspeed_z2/z3) and their consolidated export: tests/distill/test_scale.py
