@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fusionlab.errors import FusionlabError, user_error
 from fusionlab.io import clean_stale_temps, write_json
-from fusionlab.schema import GROUP_SCHEMAS, RootConfig, config_error_message, validate
+from fusionlab.schema import GROUP_SCHEMAS, RootConfig, config_error_message, override_on_null_message, validate
 
 log = logging.getLogger("fusionlab")
 
@@ -221,6 +221,12 @@ def cli() -> None:
         if full_errors == "1":
             raise
         print(f"fusionlab: error: {config_error_message(err)}", file=sys.stderr)
+        sys.exit(2)
+    except AssertionError as err:  # Hydra's assertion on an override under a null node
+        message = override_on_null_message(err)
+        if message is None or full_errors == "1":
+            raise
+        print(f"fusionlab: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -146,6 +146,25 @@ def _missing_keys(node: Any, where: str) -> list[str]:
     return []
 
 
+def override_on_null_message(err: AssertionError) -> str | None:
+    """Hydra asserts (instead of raising) when a command-line override sets a key under a node that is null in the
+    composed config (``trainer.max_steps=3`` for a job whose ``trainer`` is null). The override, from Hydra's own
+    frame: a paragraph naming it and the null node; None for any other AssertionError."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_name != "_apply_overrides_to_config":
+        tb = tb.tb_next
+    if tb is None or "override" not in tb.tb_frame.f_locals:
+        return None
+    override, cfg = tb.tb_frame.f_locals["override"], tb.tb_frame.f_locals.get("cfg")
+    key = str(getattr(override, "key_or_group", ""))
+    parts = key.split(".")
+    null = next((".".join(parts[:i]) for i in range(1, len(parts))
+                 if cfg is not None and OmegaConf.select(cfg, ".".join(parts[:i]), default=None) is None), parts[0])
+    return (f"{override.input_line} cannot be applied: this experiment sets {null} to null (its job does not use it). "
+            f"Remove the override; to set it anyway, first give {null} a value ({null}=<option> for a config group; "
+            "conf/ lists the options).")
+
+
 def config_error_message(err: BaseException) -> str:
     """One paragraph from an OmegaConf/Hydra composition error: what is wrong, with which key, and the fix."""
     causes = []

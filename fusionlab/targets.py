@@ -9,7 +9,9 @@ values users actually set. Library code: works on plain dicts (``OmegaConf.to_ob
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import difflib
+import enum
 import importlib
 import inspect
 import math
@@ -77,6 +79,22 @@ def _devices_ok(v: Any) -> bool:
     return _integer(v) and (v >= 1 or v == -1)
 
 
+_TIMEDELTA_KEYS = ("weeks", "days", "hours", "minutes", "seconds", "milliseconds", "microseconds")
+
+
+def _val_check_interval_ok(v: Any) -> bool:
+    """Lightning's ``val_check_interval``: batches (int >= 1), a fraction of an epoch (0, 1], or a duration
+    ("DD:HH:MM:SS", or timedelta's keyword arguments as a dict)."""
+    if v is None or _integer(v):
+        return v is None or v >= 1
+    if isinstance(v, float):
+        return 0 < v <= 1
+    if isinstance(v, str):
+        return re.fullmatch(r"\d+:\d{1,2}:\d{1,2}:\d{1,2}", v.strip()) is not None
+    return (isinstance(v, dict) and len(v) > 0 and set(v) <= set(_TIMEDELTA_KEYS)
+            and all(_integer(n) and n >= 0 for n in v.values()))
+
+
 def _strategies() -> list[str]:
     names = ["auto"]
     try:
@@ -139,6 +157,9 @@ VALUE_RULES: list[tuple[tuple[str, ...], dict[str, Rule]]] = [
         "devices": Rule(_devices_ok, "an integer >= 1 (-1: all), \"auto\", a list of device indices or a string of "
                                      "them (\"0,1\")"),
         "num_nodes": AT_LEAST_ONE, "log_every_n_steps": AT_LEAST_ONE,
+        "val_check_interval": Rule(_val_check_interval_ok, "an integer >= 1 (batches), a number in (0, 1] (a fraction "
+                                   "of an epoch), a duration \"DD:HH:MM:SS\", a dict of timedelta's keywords "
+                                   f"({', '.join(_TIMEDELTA_KEYS)}), or null"),
         "precision": _in(_precisions), "accelerator": _in(_accelerators),
         "strategy": Rule(lambda v: not isinstance(v, str) or v in _strategies(), lambda: f"one of {_strategies()}, or "
                          "a strategy node with a _target_ (conf/trainer/ddp.yaml)"),
@@ -148,6 +169,16 @@ VALUE_RULES: list[tuple[tuple[str, ...], dict[str, Rule]]] = [
     (CHECKPOINTS, {"every_n_train_steps": Rule(lambda v: v is None or _integer(v) and v >= 0, "an integer >= 0 (0: off)"),
                    "save_top_k": Rule(lambda v: _integer(v) and v >= -1, "an integer >= -1 (-1: keep all)")}),
 ]
+
+
+# Targets that pass their ``**kwargs`` on to another callable: that callable's signature types those keys, so a
+# misspelt or wrong-typed one is refused here instead of after the models load (or never, inside wandb.init).
+KWARGS_FORWARDED_TO: dict[str, str] = {
+    "lightning.pytorch.loggers.wandb.WandbLogger": "wandb.init",
+    "lightning.pytorch.strategies.ddp.DDPStrategy": "torch.nn.parallel.DistributedDataParallel",
+    "lightning.pytorch.strategies.fsdp.FSDPStrategy": "torch.distributed.fsdp.FullyShardedDataParallel",
+    "fusionlab.callbacks.metrics.RepresentationMetricsCallback": "fusionlab.metrics.suite.MetricConfig",
+}
 
 
 def _qualnames(target: Any) -> set[str]:
@@ -185,11 +216,16 @@ def accepts(annotation: Any, value: Any) -> bool:
         return isinstance(value, str)
     if annotation in (pathlib.Path, pathlib.PurePath, os.PathLike) or origin is os.PathLike:
         return isinstance(value, str)
-    container = origin or annotation
+    if inspect.isclass(annotation) and issubclass(annotation, enum.Enum):  # Lightning and torch take member names
+        return (isinstance(value, str) and value.upper() in {m.upper() for m in annotation.__members__}
+                or any(type(value) is type(m.value) and value == m.value for m in annotation))
+    container, args = origin or annotation, typing.get_args(annotation)
     if container in _SEQUENCES:
-        return isinstance(value, (list, tuple))
+        item = args[0] if len(args) == 1 or len(args) == 2 and args[1] is Ellipsis else None
+        return isinstance(value, (list, tuple)) and (item is None or all(accepts(item, v) for v in value))
     if container in _MAPPINGS:
-        return isinstance(value, dict)
+        return isinstance(value, dict) and (len(args) != 2 or all(accepts(args[0], k) and accepts(args[1], v)
+                                                                  for k, v in value.items()))
     if inspect.isclass(annotation) and isinstance(value, annotation):
         return True
     return not isinstance(value, (list, tuple, dict)) or isinstance(value, dict) and "_target_" in value
@@ -228,8 +264,15 @@ def check_target_node(node: dict[str, Any], where: str) -> None:
     hints = _annotations(target, signature)
     names = _qualnames(target)
     rules = {k: r for owners, table in VALUE_RULES if names & set(owners) for k, r in table.items()}
-    params = signature.parameters if signature else {}
+    params = dict(signature.parameters) if signature else {}
     takes_any = signature is None or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    own_params = set(params)
+    forwarded = _forwarded_signature(names) if takes_any and signature is not None else None
+    if forwarded is not None:  # its **kwargs are the forwarded callable's parameters: check those keys too
+        forwarded_callable, forwarded_signature, forwarded_hints = forwarded
+        params = {**forwarded_signature.parameters, **params}
+        hints = {**forwarded_hints, **hints}
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in forwarded_signature.parameters.values())
     valid = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     for key, value in node.items():
         if key in HYDRA_KEYS:
@@ -248,9 +291,41 @@ def check_target_node(node: dict[str, Any], where: str) -> None:
             raise FusionlabError(f"{full}={value!r} is not valid: {node['_target_']}'s {key} must be "
                                  f"{allowed() if callable(allowed) else allowed}; set {full}=<value>.")
         annotation = hints.get(key, inspect.Parameter.empty)
+        if annotation is inspect.Parameter.empty and key in params and isinstance(params[key].default, bool):
+            annotation = bool  # an unannotated flag (torch's DDP find_unused_parameters=False)
         if not accepts(annotation, value):
             raise FusionlabError(f"{full}={value!r} has the wrong type: {node['_target_']}'s {key} takes "
-                                 f"{inspect.formatannotation(annotation)}; set {full}=<value>.")
+                                 f"{_describe(annotation)}; set {full}=<value>.")
+    if forwarded is not None and dataclasses.is_dataclass(forwarded_callable):  # its own value checks, now
+        settings = {k: v for k, v in node.items() if k not in HYDRA_KEYS and k not in own_params}
+        try:
+            forwarded_callable(**settings)
+        except FusionlabError as err:
+            raise FusionlabError(f"{where} ({node['_target_']}): {err}") from None
+
+
+def _describe(annotation: Any) -> str:
+    """An annotation as a person reads it; an enum lists the member names the config may give."""
+    members = [a for a in (typing.get_args(annotation) or (annotation,))
+               if inspect.isclass(a) and issubclass(a, enum.Enum)]
+    names = [name for a in members for name in a.__members__]
+    nullable = type(None) in typing.get_args(annotation)
+    return inspect.formatannotation(annotation) + (f" (one of {names}{', or null' if nullable else ''})"
+                                                   if names else "")
+
+
+def _forwarded_signature(names: set[str]) -> tuple[Callable, inspect.Signature, dict[str, Any]] | None:
+    """The signature and annotations of the callable a target forwards its ``**kwargs`` to (KWARGS_FORWARDED_TO);
+    None when there is none or it cannot be imported (then any key passes, as before)."""
+    path = next((KWARGS_FORWARDED_TO[n] for n in names if n in KWARGS_FORWARDED_TO), None)
+    if path is None:
+        return None
+    try:
+        callable_ = locate(path, path)
+        signature = inspect.signature(callable_)
+    except (FusionlabError, TypeError, ValueError):
+        return None
+    return callable_, signature, _annotations(callable_, signature)
 
 
 def check_targets(nodes: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ import logging
 from typing import Any, Sequence
 
 import lightning
+from transformers import PreTrainedTokenizerBase
 
 from fusionlab.callbacks.base import EvalCallback
 from fusionlab.errors import FusionlabError
@@ -36,7 +37,7 @@ class RepresentationMetricsCallback(EvalCallback):
 
     checkpoint_key = "representation_metrics"
 
-    def __init__(self, texts: str | Sequence[str] | None = None, tokenizer: Any = None, model_attr: str = "model",
+    def __init__(self, texts: str | Sequence[str] | None = None, tokenizer: str | PreTrainedTokenizerBase | None = None, model_attr: str = "model",
                  trigger: str = "checkpoint", prefix: str = "metrics", **settings: Any):
         super().__init__(trigger=trigger)
         if "layers" in settings and not isinstance(settings["layers"], (str, int)):

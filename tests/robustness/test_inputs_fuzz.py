@@ -171,6 +171,9 @@ CLI_CASES = [
     (["+experiment=fusechat_pairwise", "+trainer.max_stepz=3"], "trainer.max_stepz"),  # misspelt
     (["+experiment=fusechat_pairwise", "callbacks.model_checkpoint.save_top_k=all"],  # wrong type
      "callbacks.model_checkpoint.save_top_k='all'"),
+    # a key under a node the experiment sets to null (Hydra asserts instead of raising)
+    (["+experiment=eva_addsub", "trainer.val_check_interval=0.5"], "sets trainer to null"),
+    (["+experiment=eva_addsub", "+trainer.strategy.x=1"], "+trainer.strategy.x=1"),
 ]
 
 
@@ -224,6 +227,28 @@ TARGET_CASES = [
     ("fusechat_pairwise", "trainer=fsdp trainer.strategy.state_dict_type=banana",  # a nested target's Literal
      ["trainer.strategy.state_dict_type='banana'", "sharded"]),
     ("fusechat_pairwise", "trainer=deepspeed_z2 +trainer.strategy.stag=3", ["trainer.strategy.stag", "stage"]),
+    # **kwargs a target forwards (fusionlab.targets.KWARGS_FORWARDED_TO): typed by the callable they reach
+    ("eval_addsub", "logger=wandb +logger.wandb.grup=x", ["logger.wandb.grup", "group"]),  # -> wandb.init
+    ("eval_addsub", "logger=wandb logger.wandb.mode=onlin", ["logger.wandb.mode='onlin'", "offline"]),
+    ("eval_addsub", "logger=wandb logger.wandb.tags=[1,2]", ["logger.wandb.tags=[1, 2]", "Sequence[str]"]),
+    ("fusechat_pairwise", "trainer=ddp +trainer.strategy.find_unused_parameter=true",  # -> torch's DDP
+     ["trainer.strategy.find_unused_parameter", "find_unused_parameters"]),
+    ("fusechat_pairwise", "trainer=ddp trainer.strategy.find_unused_parameters=maybe",
+     ["trainer.strategy.find_unused_parameters='maybe'", "bool"]),
+    ("fusechat_pairwise", "trainer=fsdp trainer.strategy.sharding_strategy=FULL",  # -> torch's FSDP, an enum
+     ["trainer.strategy.sharding_strategy='FULL'", "FULL_SHARD", "HYBRID_SHARD"]),
+    ("fusechat_pairwise", "trainer=fsdp trainer.strategy.limit_all_gathers=maybe",
+     ["trainer.strategy.limit_all_gathers='maybe'", "bool"]),
+    ("fusechat_pairwise", "callbacks=[default,metrics] +callbacks.metrics.layerz=3",  # -> MetricConfig
+     ["callbacks.metrics.layerz", "layers"]),
+    ("fusechat_pairwise", "callbacks=[default,metrics] callbacks.metrics.limit=0",  # MetricConfig's own check
+     ["callbacks.metrics", "limit=0", ">= 1"]),
+    ("fusechat_pairwise", "callbacks=[default,metrics] callbacks.metrics.max_length=abc",
+     ["callbacks.metrics.max_length='abc'", "int"]),
+    ("fusechat_pairwise", "callbacks=[default,chat_vector] callbacks.chat_vector.special_tokens_map={a:1}",
+     ["callbacks.chat_vector.special_tokens_map={'a': 1}", "dict[int, int]"]),  # element types
+    ("fusechat_pairwise", "trainer.val_check_interval=2.5", ["trainer.val_check_interval=2.5", "(0, 1]"]),
+    ("fusechat_pairwise", "trainer.val_check_interval={minutez:5}", ["trainer.val_check_interval", "minutes"]),
 ]
 
 
@@ -248,22 +273,64 @@ def _target_nodes(node, where):
 
 TARGET_OPTIONS = [f"callbacks=[{','.join(p.stem for p in sorted((CONF_DIR / 'callbacks').glob('*.yaml')))}]",
                   *(f"trainer={p.stem}" for p in sorted((CONF_DIR / "trainer").glob("*.yaml"))),
-                  *(f"scheduler={p.stem}" for p in sorted((CONF_DIR / "scheduler").glob("*.yaml")))]
+                  *(f"scheduler={p.stem}" for p in sorted((CONF_DIR / "scheduler").glob("*.yaml"))),
+                  *(f"logger={p.stem}" for p in sorted((CONF_DIR / "logger").glob("*.yaml")) if p.stem != "none")]
+
+
+# Target keys whose annotation cannot be judged, and why (every other key of a shipped target node must refuse a
+# value of the wrong type: test_every_target_key_refuses_a_wrong_type).
+UNJUDGEABLE_TARGET_KEYS = {
+    ("lightning.pytorch.strategies.FSDPStrategy", "auto_wrap_policy"):
+        "Lightning annotates it with _POLICY, a name it imports only for type checkers",
+}
+
+
+def _wrong_type(value):
+    """A value of another type than ``value`` (and than anything a None-default key plausibly takes)."""
+    if isinstance(value, bool):
+        return "maybe"
+    if isinstance(value, (int, float, list)):
+        return "abc"
+    return {"a": 1}  # str and None: a mapping no scalar parameter takes
 
 
 @pytest.mark.parametrize("option", TARGET_OPTIONS)
-def test_every_target_key_misspelt_is_refused_with_the_right_suggestion(tmp_path, option):
-    """Every key every shipped trainer / callback / scheduler / optimizer / logger node sets, misspelt (a letter
-    doubled), is refused naming the misspelt key and suggesting the real one — unless its target takes **kwargs."""
-    import inspect
-
+def test_every_target_key_refuses_a_wrong_type(tmp_path, option):
+    """Every key every shipped trainer / strategy / callback / scheduler / optimizer / logger node sets — those
+    its target forwards through **kwargs included — refuses a value of the wrong type, naming the key."""
     from fusionlab.targets import locate
 
     cfg = _without_hydra(_compose(["+experiment=fusechat_pairwise", option], tmp_path))
     root, tried = validate(cfg), 0
     for top in ("trainer", "optimizer", "scheduler", "callbacks", "logger"):
         for where, node in _target_nodes(getattr(root, top), top):
-            params = inspect.signature(locate(node["_target_"], where)).parameters.values()
+            for key, value in node.items():
+                if key.startswith("_") or isinstance(value, dict) or (node["_target_"], key) in UNJUDGEABLE_TARGET_KEYS:
+                    continue
+                bad = _wrong_type(value)
+                message = _refusal(cfg, f"{where}.{key}", bad)
+                tried += 1
+                assert message and f"{where}.{key}" in message, (where, key, bad, message)
+    assert tried >= 3
+    assert all(isinstance(locate(target, target), type) for target, _ in UNJUDGEABLE_TARGET_KEYS)
+
+
+@pytest.mark.parametrize("option", TARGET_OPTIONS)
+def test_every_target_key_misspelt_is_refused_with_the_right_suggestion(tmp_path, option):
+    """Every key every shipped trainer / callback / scheduler / optimizer / logger node sets, misspelt (a letter
+    doubled), is refused naming the misspelt key and suggesting the real one — unless its target takes **kwargs
+    that reach no signature (fusionlab.targets.KWARGS_FORWARDED_TO)."""
+    import inspect
+
+    from fusionlab.targets import _forwarded_signature, _qualnames, locate
+
+    cfg = _without_hydra(_compose(["+experiment=fusechat_pairwise", option], tmp_path))
+    root, tried = validate(cfg), 0
+    for top in ("trainer", "optimizer", "scheduler", "callbacks", "logger"):
+        for where, node in _target_nodes(getattr(root, top), top):
+            target = locate(node["_target_"], where)
+            forwarded = _forwarded_signature(_qualnames(target))  # **kwargs passed on are checked there
+            params = (forwarded[1] if forwarded else inspect.signature(target)).parameters.values()
             if any(p.kind is p.VAR_KEYWORD for p in params):
                 continue
             for key in (k for k in node if not k.startswith("_")):
