@@ -148,6 +148,7 @@ OPTIMIZERS = ("torch.optim.optimizer.Optimizer",)
 CHECKPOINTS = ("lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
                "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")
 WARMUP_COSINE = ("fusionlab.distill.module.warmup_cosine",)
+FSDP = ("lightning.pytorch.strategies.fsdp.FSDPStrategy",)
 
 # (qualified names of the target or one of its base classes, {key: rule}); only keys present are checked
 VALUE_RULES: list[tuple[tuple[str, ...], dict[str, Rule]]] = [
@@ -164,6 +165,11 @@ VALUE_RULES: list[tuple[tuple[str, ...], dict[str, Rule]]] = [
         "strategy": Rule(lambda v: not isinstance(v, str) or v in _strategies(), lambda: f"one of {_strategies()}, or "
                          "a strategy node with a _target_ (conf/trainer/ddp.yaml)"),
     }),
+    # Lightning annotates it with a name it imports only for type checkers (_POLICY): judged here instead. From a
+    # config a policy can only be built by a node with a _target_ (a nested node is checked as its own target).
+    (FSDP, {"auto_wrap_policy": Rule(lambda v: v is None, "null (fusionlab wraps the trained model's decoder layers) "
+                                     "or a node with a _target_ that builds the policy (e.g. torch.distributed.fsdp."
+                                     "wrap.ModuleWrapPolicy)")}),
     (OPTIMIZERS, {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "betas": BETAS, "eps": POSITIVE}),
     (WARMUP_COSINE, {"warmup_ratio": FRACTION, "min_lr_ratio": FRACTION}),
     (CHECKPOINTS, {"every_n_train_steps": Rule(lambda v: v is None or _integer(v) and v >= 0, "an integer >= 0 (0: off)"),
