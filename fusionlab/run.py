@@ -135,7 +135,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import lightning
 
     output_dir = Path(cfg.paths.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FusionlabError(f"paths.output_dir={str(output_dir)!r} cannot be created ({err.strerror}); set "
+                             "paths.output_dir to a directory you can write to (or leave it to Hydra's run dir).") from err
     clean_stale_temps(output_dir)  # temp files and dirs of a killed earlier run of this dir
     if cfg.get("seed") is not None:
         lightning.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -207,6 +211,16 @@ def main(cfg: DictConfig) -> float | None:
     return float(metrics[objective]) if objective else None
 
 
+def _raised_in_job(err: BaseException) -> bool:
+    """Whether ``err`` passed through :func:`main`, the job itself (else Hydra raised it while setting up)."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is main.__wrapped__.__code__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def cli() -> None:
     """``main`` with composition errors (unknown key, wrong type, unknown group option) as one paragraph, exit 2."""
     from hydra.errors import HydraException
@@ -221,6 +235,12 @@ def cli() -> None:
         if full_errors == "1":
             raise
         print(f"fusionlab: error: {config_error_message(err)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as err:  # Hydra could not create its run / sweep dir, before any job code ran
+        if full_errors == "1" or _raised_in_job(err):
+            raise
+        print(f"fusionlab: error: cannot create the run directory {err.filename!r} ({err.strerror}); set "
+              "paths.log_dir (or hydra.run.dir / hydra.sweep.dir) to a directory you can write to.", file=sys.stderr)
         sys.exit(2)
     except AssertionError as err:  # Hydra's assertion on an override under a null node
         message = override_on_null_message(err)

@@ -174,6 +174,8 @@ CLI_CASES = [
     # a key under a node the experiment sets to null (Hydra asserts instead of raising)
     (["+experiment=eva_addsub", "trainer.val_check_interval=0.5"], "sets trainer to null"),
     (["+experiment=eva_addsub", "+trainer.strategy.x=1"], "+trainer.strategy.x=1"),
+    # an output dir that cannot be created (under /proc nothing can be, even as root)
+    (["+experiment=eva_addsub", "paths.output_dir=/proc/fusionlab_no"], "paths.output_dir='/proc/fusionlab_no'"),
 ]
 
 
@@ -186,8 +188,21 @@ def test_cli_refuses_bad_input_in_one_paragraph(tmp_path, args, needle):
     assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, "one paragraph"
     written = sorted(p.name for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts) if run_dir.exists() else []
-    assert written in ([], ["metrics.json"], ["metrics.json", "run.log"]), \
+    assert written in ([], ["metrics.json"], ["run.log"], ["metrics.json", "run.log"]), \
         f"nothing but the failure record (and the run's log) is written: {written}"
+
+
+@pytest.mark.parametrize("where", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_cli_refuses_a_run_dir_hydra_cannot_create(where):
+    """Hydra creates its run / sweep dir before any job code runs: its OSError is one paragraph too."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    sweep = ["-m", "ensemble.topk=1,2"] if where == "hydra.sweep.dir" else []
+    proc = subprocess.run([sys.executable, "-m", "fusionlab.run", *sweep, "+experiment=eva_addsub",
+                           f"{where}=/proc/fusionlab_no/run"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("fusionlab: error: cannot create the run directory '/proc/fusionlab_no")
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
 
 
 # The _target_ nodes, in-process: (experiment, override, what the message must name), for each node a misspelt key,
