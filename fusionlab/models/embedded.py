@@ -28,7 +28,11 @@ CONVERSION_VERSION = "1"
 def cache_dir() -> Path:
     """Root of fusionlab's on-disk cache (``$FUSIONLAB_CACHE``, default ``~/.cache/fusionlab``)."""
     root = Path(os.environ.get("FUSIONLAB_CACHE", Path.home() / ".cache" / "fusionlab")).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FusionlabError(f"fusionlab's cache directory {str(root)!r} cannot be created ({err.strerror}); set the "
+                             "environment variable FUSIONLAB_CACHE to a directory you can write to.") from err
     return root
 
 

@@ -205,6 +205,15 @@ def test_cli_refuses_a_run_dir_hydra_cannot_create(where):
     assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
 
 
+def test_cli_refuses_a_cache_dir_it_cannot_create(tmp_path):
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "FUSIONLAB_CACHE": "/proc/fusionlab_no"}
+    proc = subprocess.run([sys.executable, "-m", "fusionlab.run", "+experiment=eval_addsub", "task.limit=1",
+                           f"hydra.run.dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cache directory '/proc/fusionlab_no'" in proc.stderr and "FUSIONLAB_CACHE" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "predictions.jsonl").exists()
+
+
 # The _target_ nodes, in-process: (experiment, override, what the message must name), for each node a misspelt key,
 # an out-of-range value and a wrong type.
 TARGET_CASES = [
