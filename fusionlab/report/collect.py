@@ -76,22 +76,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, parsed
 
 
-def read_overrides(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return {}
-    items = yaml.safe_load(path.read_text(encoding="utf-8")) or []
-    return dict(parse_override(str(item)) for item in items)
-
-
-def read_objective(run_dir: Path) -> str | None:
-    path = run_dir / ".hydra" / "config.yaml"
+def _read_yaml(path: Path) -> Any:
+    """A ``.hydra`` file's content; None when it is missing, not YAML or not text (a damaged run dir must not
+    stop the report: its row says what is missing instead)."""
     if not path.is_file():
         return None
     try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
         return None
+
+
+def read_overrides(run_dir: Path) -> dict[str, Any]:
+    items = _read_yaml(run_dir / ".hydra" / "overrides.yaml")
+    return dict(parse_override(str(item)) for item in items) if isinstance(items, list) else {}
+
+
+def read_objective(run_dir: Path) -> str | None:
+    cfg = _read_yaml(run_dir / ".hydra" / "config.yaml")
     objective = cfg.get("objective") if isinstance(cfg, dict) else None
     return str(objective) if objective else None
 
@@ -99,14 +101,10 @@ def read_objective(run_dir: Path) -> str | None:
 def _sweep_dir(run_dir: Path) -> Path | None:
     """The multirun dir a job ran in: ``.hydra/hydra.yaml`` says MULTIRUN, and Hydra puts the job in a
     subdir of the sweep dir (the Optuna sweeper writes no ``multirun.yaml``, so don't look for one)."""
-    path = run_dir / ".hydra" / "hydra.yaml"
-    if path.is_file():
-        try:
-            hydra = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("hydra") or {}
-        except yaml.YAMLError:
-            hydra = {}
-        if is_multirun(hydra):
-            return run_dir.parent
+    saved = _read_yaml(run_dir / ".hydra" / "hydra.yaml")
+    hydra = saved.get("hydra") if isinstance(saved, dict) else None
+    if isinstance(hydra, dict) and is_multirun(hydra):
+        return run_dir.parent
     return run_dir.parent if (run_dir.parent / "multirun.yaml").is_file() else None
 
 
@@ -115,8 +113,10 @@ def read_run(run_dir: Path, root: Path) -> Run:
     if metrics_path.is_file():
         try:
             metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
             metrics = {"status": "failed", "error": f"unreadable metrics.json: {e}"}
+        if not isinstance(metrics, dict):
+            metrics = {"status": "failed", "error": f"metrics.json holds a {type(metrics).__name__}, not an object"}
         status = str(metrics.get("status", "ok"))
     else:
         metrics, status = {"error": "no metrics.json (killed, or still running)"}, "incomplete"

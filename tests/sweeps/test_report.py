@@ -75,6 +75,25 @@ def test_report_of_an_eva_grid_with_a_killed_job(tmp_path):
     assert len(build_report([sweep]).rows) == 4
 
 
+@pytest.mark.parametrize("metrics_bytes,reason", [(b"[1, 2]", "metrics.json holds a list, not an object"),
+                                                   (b"\xff\xfe{", "unreadable metrics.json"),
+                                                   (b'{"acc": 0.5', "unreadable metrics.json")])
+def test_a_damaged_run_dir_is_a_failed_row_not_a_crash(tmp_path, metrics_bytes, reason):
+    """One damaged job (a half-written or foreign metrics.json, garbage .hydra files) must not stop the report of
+    the others: its row is marked failed with what is wrong."""
+    sweep = tmp_path / "sweep"
+    make_run(sweep / "0", ["ensemble.topk=10"], {"acc": 0.5, "status": "ok"})
+    bad = make_run(sweep / "1", ["ensemble.topk=20"], None)
+    (bad / "metrics.json").write_bytes(metrics_bytes)
+    for name in ("overrides.yaml", "hydra.yaml", "config.yaml"):
+        (bad / ".hydra" / name).write_text(": : :\n" if name == "overrides.yaml" else "- a list\n")
+    report = build_report([sweep])
+    rows = {r["run"]: r for r in read_report_csv(sweep / "report" / "report.csv")}
+    assert rows["sweep/0"]["status"] == "ok" and rows["sweep/0"]["acc"] == 0.5
+    assert rows["sweep/1"]["status"] == "failed" and reason in rows["sweep/1"]["error"]
+    assert len(report.rows) == 2
+
+
 def test_training_curves_from_lightning_and_tracker_logs(tmp_path):
     run = make_run(tmp_path / "run", ["+experiment=fusechat_pairwise"],
                    {"job": "distill", "final/train_loss": 1.5, "status": "ok"}, multirun=False)
