@@ -15,9 +15,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fusionlab.errors import FusionlabError
+from fusionlab.io import read_yaml
 from fusionlab.merge.config import MergeConfig
 
 # mergekit's MergeConfiguration fields fusionlab runs, and those it refuses (with why)
@@ -49,19 +48,39 @@ def _unknown(given: Any, known: set[str], where: str) -> None:
         raise FusionlabError(f"Unknown mergekit option(s) {extra} in {where}; mergekit defines {sorted(known)}.")
 
 
+def _parameters(raw: dict[str, Any], label: str) -> dict[str, Any]:
+    value = raw.get("parameters") or {}
+    if not isinstance(value, dict):
+        raise FusionlabError(f"{label} must be a mapping (name: value), got {value!r}.")
+    return value
+
+
+def _entry(raw: Any, known: set[str], where: str) -> dict[str, Any]:
+    """A models[i] / sources[j] entry: a mapping with a model reference."""
+    _unknown(raw, known, where)
+    if raw.get("model") is None:
+        raise FusionlabError(f"{where} has no model; write model: <path or hub id>.")
+    return raw
+
+
 def _slice(raw: Any, where: str) -> dict[str, Any]:
     _unknown(raw, _SLICE_KEYS, where)
     if raw.get("residual_weight") is not None:
         raise FusionlabError(f"mergekit option 'residual_weight' in {where} is not supported; remove it.")
+    if not isinstance(raw.get("sources") or [], list):
+        raise FusionlabError(f"{where}.sources must be a list of {{model, layer_range}}, got {raw['sources']!r}.")
     sources = []
     for j, src in enumerate(raw.get("sources") or []):
-        _unknown(src, _SOURCE_KEYS, f"{where}.sources[{j}]")
-        if "layer_range" not in src:
-            raise FusionlabError(f"{where}.sources[{j}] has no layer_range; write layer_range: [start, stop].")
-        sources.append({"model": _model_ref(src["model"]), "layer_range": list(src["layer_range"]),
-                        "parameters": src.get("parameters") or {}})
+        at = f"{where}.sources[{j}]"
+        _entry(src, _SOURCE_KEYS, at)
+        span = src.get("layer_range")
+        if not (isinstance(span, list) and len(span) == 2 and all(isinstance(i, int) and not isinstance(i, bool)
+                                                                    for i in span)):
+            raise FusionlabError(f"{at}.layer_range must be [start, stop] (two integers), got {span!r}.")
+        sources.append({"model": _model_ref(src["model"]), "layer_range": list(span),
+                        "parameters": _parameters(src, f"{at}.parameters")})
     return {"sources": sources, "base": _model_ref(raw["base_model"]) if raw.get("base_model") else None,
-            "parameters": raw.get("parameters") or {}}
+            "parameters": _parameters(raw, f"{where}.parameters")}
 
 
 def load_mergekit_config(path: str | Path, output: str | Path, **overrides: Any) -> MergeConfig:
@@ -69,11 +88,19 @@ def load_mergekit_config(path: str | Path, output: str | Path, **overrides: Any)
     p = Path(path).expanduser()
     if not p.is_file():
         raise FusionlabError(f"mergekit config {str(p)!r} does not exist; check merge.mergekit_config.")
-    raw = yaml.safe_load(p.read_text()) or {}
+    raw = read_yaml(p, "mergekit config")
+    if raw is None:
+        raise FusionlabError(f"mergekit config {str(p)!r} is empty; give merge_method and models (or slices).")
+    _unknown(raw, set(_KNOWN) | set(_REFUSED), str(p))  # a mapping of known keys
+    for key in ("models", "slices"):
+        if raw.get(key) is not None and not isinstance(raw[key], list):
+            raise FusionlabError(f"{p}: {key} must be a list (one '- ...' entry per {key[:-1]}), got {raw[key]!r}.")
+    for key in ("tokenizer",):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise FusionlabError(f"{p}: {key} must be a mapping (name: value), got {raw[key]!r}.")
     for key, why in _REFUSED.items():
         if raw.get(key) is not None:
             raise FusionlabError(f"mergekit option {key!r} in {p}: {why}.")
-    _unknown(raw, set(_KNOWN) | set(_REFUSED), str(p))
     if "merge_method" not in raw:
         raise FusionlabError(f"{p} has no merge_method.")
     if bool(raw.get("models")) == bool(raw.get("slices")):
@@ -86,14 +113,14 @@ def load_mergekit_config(path: str | Path, output: str | Path, **overrides: Any)
         raise FusionlabError(f"{p} sets both tokenizer_source and tokenizer; mergekit allows only one.")
     models = []
     for i, m in enumerate(raw.get("models") or []):
-        _unknown(m, {"model", "parameters"}, f"{p}: models[{i}]")
-        models.append({"model": _model_ref(m["model"]), "parameters": m.get("parameters") or {}})
+        _entry(m, {"model", "parameters"}, f"{p}: models[{i}]")
+        models.append({"model": _model_ref(m["model"]), "parameters": _parameters(m, f"{p}: models[{i}].parameters")})
     d: dict[str, Any] = {
         "method": raw["merge_method"],
         "models": models,
         "slices": [_slice(s, f"{p}: slices[{i}]") for i, s in enumerate(raw.get("slices") or [])],
         "base": _model_ref(raw["base_model"]) if raw.get("base_model") else None,
-        "parameters": raw.get("parameters") or {},
+        "parameters": _parameters(raw, f"{p}: parameters"),
         "compute_dtype": raw.get("dtype") or "auto",
         "dtype": raw.get("out_dtype") or raw.get("dtype") or "auto",
         "output": str(output),

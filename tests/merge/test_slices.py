@@ -76,6 +76,18 @@ def test_mergekit_yaml_keys_are_checked_before_any_checkpoint_is_opened(tmp_path
          "'residual_weight'"),
         (f"merge_method: frankenmerge\nmodels: [{{model: {missing}}}]\n", "Unknown merge method 'frankenmerge'"),
         (f"merge_method: linear\nmodels: [{{model: {missing}}}]\nslices: [{{sources: []}}]\n", "exactly one of models or slices"),
+        # malformed shapes: each named, never a TypeError / AttributeError / KeyError from inside
+        ("", "is empty"),
+        ("- a\n- b\n", r"must be a mapping, got \['a', 'b'\]"),
+        (": : :\n", r"mk.yml', line 1, is not valid YAML"),
+        ("merge_method: linear\nmodels: 3\n", "models must be a list"),
+        ("merge_method: linear\nslices: 7\n", "slices must be a list"),
+        ("merge_method: linear\nmodels: [{parameters: {weight: 1}}]\n", r"models\[0\] has no model"),
+        (f"merge_method: linear\nmodels: [{{model: {missing}, parameters: 3}}]\n", r"models\[0\].parameters must be a mapping"),
+        (f"merge_method: linear\nparameters: [1]\nmodels: [{{model: {missing}}}]\n", r"mk.yml: parameters must be a mapping"),
+        ("merge_method: linear\nslices: [{sources: 3}]\n", r"slices\[0\].sources must be a list"),
+        (f"merge_method: linear\nslices: [{{sources: [{{model: {missing}, layer_range: 5}}]}}]\n",
+         r"sources\[0\].layer_range must be \[start, stop\] \(two integers\), got 5"),
     ]:
         y.write_text(text)
         with pytest.raises(FusionlabError, match=match):
