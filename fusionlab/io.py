@@ -240,6 +240,15 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
         raise FusionlabError(f"cannot read {what} {str(path)!r} ({e.strerror or e}); check the path.") from None
 
 
+def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any]:
+    """:func:`read_json` of a file that must hold one object (a config.json, an index, an adapter config)."""
+    value = read_json(path, what)
+    if not isinstance(value, dict):
+        raise FusionlabError(f"{what} {str(path)!r} holds a {type(value).__name__}, not a JSON object ({{...}}); "
+                             "fix or replace it.")
+    return value
+
+
 def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
     import yaml
 

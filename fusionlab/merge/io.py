@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from fusionlab.errors import FusionlabError
+from fusionlab.io import read_json_object
 from fusionlab.merge.fast.memory import MappedFiles
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -80,7 +81,10 @@ class CheckpointReader:
             self.dir = self.path
             index = self.path / INDEX_NAME
             if index.exists():
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = read_json_object(index, "checkpoint index").get("weight_map")
+                if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                    raise FusionlabError(f"checkpoint index {str(index)!r} has no weight_map of tensor name -> file "
+                                         "name; re-save the checkpoint (save_pretrained) or remove the index.")
                 files = sorted({self.path / f for f in weight_map.values()})
             else:
                 files = sorted(self.path.glob("*.safetensors"))
@@ -112,7 +116,8 @@ class CheckpointReader:
                 raise FusionlabError(f"{f} is truncated ({f.stat().st_size} bytes, its header needs {need}); "
                                      "re-download or re-save that checkpoint.")
         cfg = self.dir / "config.json"
-        self.config: dict[str, Any] = json.loads(cfg.read_text()) if cfg.exists() and self.path.is_dir() else {}
+        self.config: dict[str, Any] = (read_json_object(cfg, "model config") if cfg.exists() and self.path.is_dir()
+                                       else {})
 
     @property
     def names(self) -> list[str]:
@@ -302,7 +307,7 @@ def copy_aux_files(src_dir: Path, out_dir: Path, config_overrides: dict[str, Any
     """Copy config.json (with ``config_overrides``), generation config and tokenizer files."""
     cfg = src_dir / "config.json"
     if cfg.exists():
-        config = json.loads(cfg.read_text())
+        config = read_json_object(cfg, "model config")
         config.update(config_overrides or {})
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in AUX_FILES:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from fusionlab.errors import FusionlabError
-from fusionlab.io import atomic_dir, check_output_path
+from fusionlab.io import atomic_dir, check_output_path, read_json_object
 from fusionlab.merge.io import AUX_FILES, CheckpointReader, ShardWriter, is_embedding, is_finite
 from fusionlab.merge.derive import DeriveSpec, PerplexityEval
 from fusionlab.models.resolve import DERIVED_PREFIX, resolve_checkpoint, torch_dtype
@@ -148,7 +148,7 @@ def resolve_lora(path: str | Path, base: str | Path | None = None) -> Path:
     path = Path(path)
     if not is_lora_dir(path):
         return path
-    cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+    cfg = read_json_object(path / ADAPTER_CONFIG, "LoRA adapter config")
     base_ref = str(base or cfg.get("base_model_name_or_path") or "")
     if not base_ref:
         raise FusionlabError(f"LoRA {str(path)!r} names no base model (base_model_name_or_path); give its base.")

@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from fusionlab.errors import FusionlabError
+from fusionlab.io import read_json_object
 from fusionlab.merge.derive import PerplexityEval
 from fusionlab.merge.io import AUX_FILES, EMBED_NAMES, LM_HEAD_NAMES, CheckpointReader, is_embedding, is_input_embedding
 from fusionlab.models.resolve import DERIVED_PREFIX
@@ -670,7 +671,7 @@ def _eos_ids(side: Side) -> set[int]:
     ids = {side.tokenizer.eos_token_id}
     gen = Path(side.reader.dir) / "generation_config.json"
     if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
+        eos = read_json_object(gen, "generation config").get("eos_token_id")
         ids.update(eos if isinstance(eos, list) else [eos])
     return {int(i) for i in ids if i is not None}
 

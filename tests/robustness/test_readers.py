@@ -46,6 +46,21 @@ def test_merge_reader_uses_the_guarded_header(safetensors_file):
         read_header(safetensors_file)
 
 
+@pytest.mark.parametrize("name,content,needle", [
+    ("config.json", "{garbage", "model config '.*config.json' is not valid JSON"),
+    ("config.json", "[1]", "model config '.*config.json' holds a list, not a JSON object"),
+    ("model.safetensors.index.json", '{"weight_map": 3}', "checkpoint index '.*index.json' has no weight_map"),
+    ("model.safetensors.index.json", "[1]", "checkpoint index '.*index.json' holds a list"),
+])
+def test_merge_reader_names_a_damaged_config_or_index(tmp_path, safetensors_file, name, content, needle):
+    from fusionlab.merge.io import CheckpointReader
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / name).write_text(content)
+    with pytest.raises(FusionlabError, match=needle):
+        CheckpointReader(tmp_path)
+
+
 @pytest.mark.parametrize("content,needle", [
     ('{"question": "1+1", "answer": "2"}\n{"question": oops}\n', "line 2, is not valid JSON"),
     ('{"question": "1+1", "answer": "2"}\n\n[1, 2]\n', "line 3, holds a list"),
