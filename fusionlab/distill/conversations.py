@@ -50,12 +50,19 @@ def load_conversations(path: str | Path, limit: int | None = None) -> list[dict[
         turns = row.get("messages") or row.get("conversations")
         if not turns:
             raise FusionlabError(f"Line {n + 1} of {path} has no `conversations`/`messages` list.")
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise FusionlabError(f"Line {n + 1} of {path}: `conversations`/`messages` must be a list of turns "
+                                 f"({{role, content}} or {{from, value}}), got {turns!r:.80}.")
         messages = []
         for t in turns:
             role = t.get("role", t.get("from"))
             if role not in ROLE_ALIASES:
                 raise FusionlabError(f"Line {n + 1} of {path}: unknown role {role!r}; use one of {sorted(ROLE_ALIASES)}.")
-            messages.append({"role": ROLE_ALIASES[role], "content": t.get("content", t.get("value", ""))})
+            content = t.get("content", t.get("value", ""))
+            if not isinstance(content, str):
+                raise FusionlabError(f"Line {n + 1} of {path}: a {role} turn's text must be a string, got "
+                                     f"{content!r:.80}.")
+            messages.append({"role": ROLE_ALIASES[role], "content": content})
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             raise FusionlabError(f"Line {n + 1} of {path} (id {row.get('id', n)!r}) has no assistant turn with text: "
                                  "there is nothing to train or evaluate on; drop it or add the reply.")

@@ -41,6 +41,23 @@ def test_load_sharegpt_file(tmp_path):
         load_conversations(tmp_path / "missing.jsonl")
 
 
+@pytest.mark.parametrize("row,needle", [
+    ({"conversations": 3}, "must be a list of turns"),
+    ({"messages": ["hi", "there"]}, "must be a list of turns"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ["a"]}]},
+     "assistant turn's text must be a string"),
+    ({"messages": [{"role": "robot", "content": "q"}]}, "unknown role 'robot'"),
+    ({"x": 1}, "has no `conversations`/`messages` list"),
+])
+def test_a_malformed_conversation_is_named_by_line(tmp_path, row, needle):
+    p = tmp_path / "c.jsonl"
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    p.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(FusionlabError, match=needle) as err:
+        load_conversations(p)
+    assert f"Line 2 of {p}" in str(err.value)
+
+
 def test_extract_counts_drops_and_resumes(tmp_path, tiny, smol_tok):
     texts = prepare_texts(smol_tok, CONVS, max_length=64)
     full = extract_representations(tiny, smol_tok, texts, tmp_path / "full", name="t", topk=4, shard_size=2)
