@@ -179,7 +179,7 @@ def get_task(task: str | TaskDef) -> TaskDef:
     return TASKS[task]
 
 
-def _normalise(task: TaskDef, raw: dict[str, Any], index: int) -> dict[str, Any]:
+def _normalise(task: TaskDef, raw: dict[str, Any], index: int, source: str) -> dict[str, Any]:
     ex = dict(raw)
     for src, dst in task.fields.items():
         if src in raw:
@@ -188,10 +188,26 @@ def _normalise(task: TaskDef, raw: dict[str, Any], index: int) -> dict[str, Any]
     ex.setdefault("id", index)
     missing = [k for k in ("question", "answer") if ex.get(k) is None]
     if missing:
+        null = [k for k in missing if k in raw or k in {d for s, d in task.fields.items() if s in raw}]
+        what = f"a null {null}" if null == missing else f"no {missing} field(s)"
         raise FusionlabError(
-            f"Example {index} of task {task.name!r} has no {missing} field(s); each JSONL line needs "
+            f"Example {index} of task {task.name!r} ({source}) has {what}; each JSONL line needs "
             f"'question' and 'answer' (found keys {sorted(raw)})."
         )
+    scalar = (str, int, float)
+    answer = ex["answer"]
+    if not isinstance(ex["question"], str) or isinstance(answer, bool) or not (
+            isinstance(answer, scalar) or isinstance(answer, list) and answer and all(
+                isinstance(a, scalar) and not isinstance(a, bool) for a in answer)):
+        raise FusionlabError(
+            f"Example {index} of task {task.name!r} ({source}): 'question' must be text and 'answer' a string, a number or a "
+            f"list of them (the accepted answers), got question={ex['question']!r:.60} answer={answer!r:.60}."
+        )
+    extractor = EXTRACTORS[task.extractor]
+    if not extractor.gold_ok(answer):
+        raise FusionlabError(f"Example {index} of task {task.name!r} ({source}): its replies are scored against {extractor.gold}, "
+                             f"but its answer is {answer!r:.60}; fix that line of the data (or use a task whose answers "
+                             "are text).")
     return ex
 
 
@@ -231,7 +247,8 @@ def load_examples(task: str | TaskDef, path: str | None = None, limit: int | Non
                              f"task.path=/path/to/{task.name}.jsonl (fields: question, answer).")
     if not rows:
         raise FusionlabError(f"Task {task.name!r} has no examples (source: {path or task.data_file or task.hf_dataset}).")
-    return select_examples([_normalise(task, r, i) for i, r in enumerate(rows)], limit, seed, shuffle)
+    source = str(p) if path is not None else task.data_file or task.hf_dataset
+    return select_examples([_normalise(task, r, i, source) for i, r in enumerate(rows)], limit, seed, shuffle)
 
 
 def select_examples(examples: list[dict[str, Any]], limit: int | None = None, seed: int = 0,

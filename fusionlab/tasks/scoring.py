@@ -6,6 +6,7 @@ the gold answer) and :data:`METRICS` (aggregate the predictions into the task's 
 from __future__ import annotations
 
 import ast
+import math
 import operator
 import re
 import string
@@ -87,6 +88,16 @@ def numbers_equal(pred: float | int | None, gold: float | int, tol: float = 1e-4
     return pred is not None and abs(float(pred) - float(gold)) <= tol * max(1.0, abs(float(gold)))
 
 
+def is_number(value: Any) -> bool:
+    """A finite number, or text that reads as one (gold answers of the numeric tasks)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def extract_choice(text: str) -> str | None:
     """A multiple-choice letter A-E: after "the answer is" if present, else the last "(X)"."""
     triggers = list(_TRIGGER.finditer(text))
@@ -144,12 +155,16 @@ class Extractor:
 
     parse: Callable[[str], Any]
     matches: Callable[[Any, Any], bool]
+    # which gold answers ``matches`` can compare with, checked when the data loads (not after decoding), and the
+    # words for the error message
+    gold_ok: Callable[[Any], bool] = lambda answer: True
+    gold: str = "any answer"
 
 
 # A task names its extractor and metric (fusionlab.tasks.TaskDef); a new kind of answer is one entry here.
 EXTRACTORS: dict[str, Extractor] = {
-    "number": Extractor(extract_number, numbers_equal),
-    "equation": Extractor(extract_equation, numbers_equal),
+    "number": Extractor(extract_number, numbers_equal, is_number, "a number"),
+    "equation": Extractor(extract_equation, numbers_equal, is_number, "a number"),
     "choice": Extractor(extract_choice, choice_equal),
     "short_answer": Extractor(qa_prediction, exact_match),
     "first_line": Extractor(first_line, exact_match),

@@ -92,6 +92,35 @@ def test_task_loader_reports_the_bad_line(tmp_path):
         load_examples("addsub", path=str(path))
 
 
+@pytest.mark.parametrize("task,row,needle", [
+    ("addsub", {"question": "x", "answer": "abc"}, "scored against a number, but its answer is 'abc'"),
+    ("addsub", {"question": "x", "answer": "nan"}, "scored against a number"),
+    ("addsub", {"question": ["x"], "answer": 1}, "'question' must be text"),
+    ("addsub", {"question": "x", "answer": True}, "answer=True"),
+    ("commonsenseqa", {"question": "x", "answer": {"a": 1}}, "a list of them"),
+    ("e2e", {"question": "x", "answer": []}, "a list of them"),
+    ("addsub", {"question": "x", "answer": None}, r"has a null \['answer'\]"),
+    ("addsub", {"question": "x"}, r"has no \['answer'\] field"),
+])
+def test_task_fields_of_the_wrong_kind_are_refused_when_the_data_loads(tmp_path, task, row, needle):
+    """Before decoding: a gold answer that the task's scorer cannot compare with fails here, not after generation."""
+    from fusionlab.tasks import load_examples
+
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"question": "1+1?", "answer": "2"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(FusionlabError, match=needle) as err:
+        load_examples(task, path=str(path))
+    assert f"Example 1 of task {task!r} ({path})" in str(err.value)
+
+
+def test_numeric_gold_answers_as_text_still_load(tmp_path):
+    from fusionlab.tasks import load_examples
+
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "2"}\n{"question": "half?", "answer": 0.5}\n')
+    assert [e["answer"] for e in load_examples("addsub", path=str(path))] == ["2", 0.5]
+
+
 @pytest.mark.parametrize("reader,content,needle", [
     (read_json, "{not json", "not valid JSON"),
     (read_json, b"\xff\xfe", "not valid JSON"),
