@@ -1,7 +1,6 @@
 """Model loading (random, embedded, GGUF), prompts and batched generation."""
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -74,9 +73,7 @@ def test_render_prompt_plain_and_chat():
 def test_embedded_models_load_from_cache(name):
     path = embedded_checkpoint(name)  # converts on first use
     stamp = path.stat().st_mtime
-    start = time.perf_counter()
     model, tok = load_model({"name": name, "source": "embedded", "path": name})
-    assert time.perf_counter() - start < 60
     assert embedded_checkpoint(name).stat().st_mtime == stamp  # second call reuses the cache
     expected_vocab = {"smollm2_135m": 49152, "gemma3_270m": 262144}[name]
     assert model.get_output_embeddings().weight.shape[0] == expected_vocab

@@ -1,11 +1,9 @@
 """Typed distill / fusechat_merge configs: bad values fail when the config is built, before any model loads."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -121,15 +119,12 @@ def test_pairwise_target_settings(tmp_path):
     ("distill/mapping=fuzzy", "fuzzy"),
     ("distill.topk=abc", "distill.topk"),
 ])
-def test_cli_bad_distill_value_exits_2_in_seconds_without_loading_a_model(tmp_path, override, named):
+def test_cli_bad_distill_value_exits_2_without_loading_a_model(tmp_path, override, named):
     cache = tmp_path / "cache"  # where the pipeline would put representations: it must not even start
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "FUSIONLAB_CACHE": str(cache)}
-    start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "fusionlab.run", "+experiment=fusechat_pairwise", override,
                            f"hydra.run.dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
-    elapsed = time.perf_counter() - start
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "fusionlab: error:" in proc.stderr and named in proc.stderr and "Traceback" not in proc.stderr
     assert not cache.exists() and not (tmp_path / "run" / "checkpoints").exists()  # no model converted or run
-    assert elapsed < 15, elapsed

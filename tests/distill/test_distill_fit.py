@@ -116,8 +116,9 @@ def test_throughput_after_a_resume_counts_only_this_process(tmp_path):
     assert (crashed.steps_this_run, m_res.steps_this_run, m_full.steps_this_run) == (3, 3, 6)
     assert m_res.tokens_seen == m_full.tokens_seen  # the run's total: same batches in the same order
     assert m_res.tokens_this_run == m_full.tokens_seen - crashed.tokens_this_run
-    assert 0 < m_res.step_seconds < m_full.step_seconds
-    assert 0.1 < m_res.tokens_per_s / m_full.tokens_per_s < 10  # same order (timing noise only)
+    # throughput is this process's tokens over this process's step time (no timing comparison: the cores are shared)
+    assert m_res.step_seconds > 0
+    assert m_res.tokens_per_s == pytest.approx(m_res.tokens_this_run / m_res.step_seconds)
     _, m_none = fit(tmp_path / "b", max_steps=6, every=3, ckpt=str(tmp_path / "b" / "ckpt" / "last.ckpt"))
     assert m_none.steps_this_run == 0 and m_none.tokens_seen == m_full.tokens_seen
     assert m_none.tokens_per_s == 0.0  # no step ran here: no throughput, never restored tokens / ~0 s

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -81,10 +80,8 @@ def test_cli_refuses_bad_values_before_loading_a_model(tmp_path, override, named
     cache.mkdir()
     cmd = [sys.executable, "-m", "fusionlab.run", "+experiment=eva_addsub", *override.split(), "logger=none",
            f"hydra.run.dir={tmp_path / 'run'}"]
-    start = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "FUSIONLAB_CACHE": str(cache)})
     assert res.returncode == 2, res.stderr[-2000:]
-    assert time.perf_counter() - start < 15
     assert "fusionlab: error:" in res.stderr and named in res.stderr
     assert "Traceback" not in res.stderr
     assert list(cache.iterdir()) == []  # no model was converted or loaded, no alignment built
