@@ -293,7 +293,8 @@ def test_cli_eva_addsub(tmp_path):
                 "compat_gemma3_270m_p_at_1", "compat_gemma3_270m_main_coverage", "compat_gemma3_270m_warmup_accuracy",
                 "compat_smollm2_135m_warmup_accuracy", "compat_gemma3_270m_likely_hurts"):
         assert key in metrics, key
-    assert metrics["ensemble_gate_fired_frac"] == 1.0  # the default gate (always) never skips a step
+    # the eva_* default (conf/ensemble/eva_gated.yaml) ensembles only where SmolLM2 is unsure (plain EVA: 1.0)
+    assert metrics["ensemble_gate_fired_frac"] < 1.0
     assert "ensemble - best member" in res.stderr + res.stdout  # the comparison table at the end
     assert "compatibility gemma3_270m: P@1" in res.stderr + res.stdout
     assert metrics["align_gemma3_270m_p_at_1_inside_cutoff"] > 0.5  # P@1 over the whole seed dictionary counts

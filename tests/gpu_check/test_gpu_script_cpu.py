@@ -13,6 +13,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 GPU_DIR = REPO / "experiments" / "gpu"
+BUDGET_S = 360
 sys.path.insert(0, str(GPU_DIR))
 
 import checks  # noqa: E402
@@ -23,8 +24,11 @@ from synthetic_tokenizer import build_tokenizer  # noqa: E402
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
     t0 = time.perf_counter()
+    # a budget with room for shared, loaded cores (each part stops at its share of it, so a quiet run takes
+    # far less); the script's own deadline keeps the total under it
     proc = subprocess.run([sys.executable, str(GPU_DIR / "run_all.py"), "--device", "cpu", "--out", str(out),
-                           "--budget-s", "170"], cwd=REPO, capture_output=True, text=True, timeout=240)
+                           "--budget-s", str(BUDGET_S)], cwd=REPO, capture_output=True, text=True,
+                          timeout=BUDGET_S + 120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text()), out, time.perf_counter() - t0
 
@@ -38,7 +42,7 @@ def test_every_part_runs_on_cpu_and_records_what_it_skipped(cpu_run):
     for strategy in ("fsdp", "deepspeed_z2", "deepspeed_z3_offload"):  # GPU-only strategies: named, with the reason
         assert f"distill: {strategy}: needs a CUDA GPU" in skipped
     assert "hf_static_compiled" in skipped and "merge.device=cuda: no GPU" in skipped
-    assert results["machine"]["device"] == "cpu" and results["total_s"] < 170
+    assert results["machine"]["device"] == "cpu" and results["total_s"] < BUDGET_S
     summary = (out / "summary.md").read_text()
     assert "## Distillation" in summary and "## Targets (issue 17)" in summary and "| cpu | True |" in summary
 

@@ -21,7 +21,8 @@ from tests.conftest import CONF_DIR, REPO, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 # group -> the experiment whose job uses that group's node (None: any job)
-GROUPS = {"model": None, "task": None, "logger": None, "align_method": "eva_addsub", "merge_method": "merge",
+GROUPS = {"model": None, "task": None, "logger": None, "align_method": "eva_addsub", "ensemble": "eva_addsub",
+          "merge_method": "merge",
           "metric": "representation_metrics", "distill/mapping": "fusechat_pairwise", "trainer": "fusechat_pairwise",
           "optimizer": "fusechat_pairwise", "scheduler": "fusechat_pairwise", "hparams_search": None}
 SEARCH_EXPERIMENT = {"eva_optuna": "eva_addsub", "distill_optuna": "fusechat_pairwise"}  # a search tunes its experiment
