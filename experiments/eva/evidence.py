@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fusionlab.ensemble import DecodingOptions, Member, align_members, evaluate_ensemble
@@ -157,6 +158,22 @@ def run(out: Path, first_members: int = 0, split: str = "test") -> None:
                   f"gate fired {m['ensemble_gate_fired_frac']:.1%}", flush=True)
 
 
+def corpus_bootstrap(task: str, texts_a: list[str], texts_b: list[str], examples: list[dict], resamples: int = 2000,
+                     seed: int = 0) -> tuple[float, float]:
+    """95% paired-bootstrap interval of a corpus-level metric's difference (BLEU of a − BLEU of b): the same
+    resampled sentences for both systems, the corpus metric recomputed on each resample (Koehn, EMNLP 2004)."""
+    rng = np.random.default_rng(seed)
+    metric = get_task(task).metric
+    diffs = []
+    for _ in range(resamples):
+        idx = rng.integers(0, len(examples), size=len(examples))
+        picked = [examples[i] for i in idx]
+        diffs.append(score(task, [texts_a[i] for i in idx], picked)[0][metric]
+                     - score(task, [texts_b[i] for i in idx], picked)[0][metric])
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    return float(low), float(high)
+
+
 def report(sources: list[tuple[Path, str]], resamples: int = 10000) -> tuple[str, dict]:
     """The markdown table from every chunk that all systems of a task finished, pooling the (out dir, split)
     sources example by example (the second selection pools the dev part with the reserve)."""
@@ -185,12 +202,12 @@ def report(sources: list[tuple[Path, str]], resamples: int = 10000) -> tuple[str
         assert len(set(ids)) == len(ids), f"{task}: an example appears in two sources"
         chosen = [examples[i] for i in ids]
         metric = get_task(plan.task).metric
-        cells, correct, values = {}, {}, {}
+        cells, correct, values, texts_of = {}, {}, {}, {}
         for s in systems:
             if s not in present:
                 cells[s], values[s], correct[s] = "-", None, None
                 continue
-            texts = [t for c in chunks for t in runs[s][c]["texts"]]
+            texts_of[s] = texts = [t for c in chunks for t in runs[s][c]["texts"]]
             assert [i for c in chunks for i in runs[s][c]["ids"]] == ids, (plan.task, s)
             scores, correct[s] = score(plan.task, texts, chosen)
             values[s] = scores[metric]
@@ -202,9 +219,10 @@ def report(sources: list[tuple[Path, str]], resamples: int = 10000) -> tuple[str
         best = max(systems[:2], key=lambda s: values[s])  # the main model on ties
         diffs = []
         for s in [v for v in systems[2:] if v in present]:
-            if correct[s][0] is None:
-                diffs.append(f"{s} {values[s] - values[best]:+.2f}")
-                table.setdefault(plan.task, {})[f"{s}_minus_best"] = [values[s] - values[best], None, None]
+            if correct[s][0] is None:  # corpus BLEU: resample sentences, recompute both corpora's BLEU
+                low, high = corpus_bootstrap(plan.task, texts_of[s], texts_of[best], chosen)
+                diffs.append(f"{s} {values[s] - values[best]:+.2f} [{low:+.2f}, {high:+.2f}]")
+                table.setdefault(plan.task, {})[f"{s}_minus_best"] = [values[s] - values[best], low, high]
                 continue
             d = paired_bootstrap([float(c) for c in correct[s]], [float(c) for c in correct[best]],
                                  resamples=resamples, seed=0)
