@@ -45,14 +45,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fusionlab.ensemble import DecodingOptions, Member, align_members, evaluate_ensemble
 from fusionlab.ensemble.evaluation import Run, decode_members
-from fusionlab.metrics.stats import paired_bootstrap, wilson_interval
+from fusionlab.metrics.stats import paired_bootstrap, paired_bootstrap_corpus, wilson_interval
 from fusionlab.models import ModelSpec, cache_dir, load_model
-from fusionlab.tasks import TaskConfig, get_task, score, task_inputs
+from fusionlab.tasks import TaskConfig, corpus_statistics, get_task, score, task_inputs
 
 OUT = Path(__file__).resolve().parent / "evidence"
 OUT_DEV = Path(__file__).resolve().parent / "evidence_dev"
@@ -158,22 +157,6 @@ def run(out: Path, first_members: int = 0, split: str = "test") -> None:
                   f"gate fired {m['ensemble_gate_fired_frac']:.1%}", flush=True)
 
 
-def corpus_bootstrap(task: str, texts_a: list[str], texts_b: list[str], examples: list[dict], resamples: int = 2000,
-                     seed: int = 0) -> tuple[float, float]:
-    """95% paired-bootstrap interval of a corpus-level metric's difference (BLEU of a − BLEU of b): the same
-    resampled sentences for both systems, the corpus metric recomputed on each resample (Koehn, EMNLP 2004)."""
-    rng = np.random.default_rng(seed)
-    metric = get_task(task).metric
-    diffs = []
-    for _ in range(resamples):
-        idx = rng.integers(0, len(examples), size=len(examples))
-        picked = [examples[i] for i in idx]
-        diffs.append(score(task, [texts_a[i] for i in idx], picked)[0][metric]
-                     - score(task, [texts_b[i] for i in idx], picked)[0][metric])
-    low, high = np.quantile(diffs, [0.025, 0.975])
-    return float(low), float(high)
-
-
 def report(sources: list[tuple[Path, str]], resamples: int = 10000) -> tuple[str, dict]:
     """The markdown table from every chunk that all systems of a task finished, pooling the (out dir, split)
     sources example by example (the second selection pools the dev part with the reserve)."""
@@ -219,8 +202,10 @@ def report(sources: list[tuple[Path, str]], resamples: int = 10000) -> tuple[str
         best = max(systems[:2], key=lambda s: values[s])  # the main model on ties
         diffs = []
         for s in [v for v in systems[2:] if v in present]:
-            if correct[s][0] is None:  # corpus BLEU: resample sentences, recompute both corpora's BLEU
-                low, high = corpus_bootstrap(plan.task, texts_of[s], texts_of[best], chosen)
+            if correct[s][0] is None:  # corpus BLEU: the same resampled sentences for both, BLEU recomputed
+                (rows_s, from_sums), (rows_best, _) = (corpus_statistics(plan.task, texts_of[v], chosen) for v in (s, best))
+                d = paired_bootstrap_corpus(rows_s, rows_best, from_sums, resamples=resamples, seed=0)
+                low, high = d.low, d.high
                 diffs.append(f"{s} {values[s] - values[best]:+.2f} [{low:+.2f}, {high:+.2f}]")
                 table.setdefault(plan.task, {})[f"{s}_minus_best"] = [values[s] - values[best], low, high]
                 continue

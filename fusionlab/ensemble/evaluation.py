@@ -15,11 +15,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
+
 from fusionlab.align.alignment import Alignment
 from fusionlab.ensemble.config import DecodingOptions
 from fusionlab.ensemble.decoder import EnsembleOutput, EvaDecoder, add_stats, summarize
-from fusionlab.metrics.stats import paired_bootstrap, wilson_interval
-from fusionlab.tasks import extract_answer, get_task, score, task_prompts, task_stops
+from fusionlab.metrics.stats import paired_bootstrap, paired_bootstrap_corpus, wilson_interval
+from fusionlab.tasks import corpus_statistics, extract_answer, get_task, score, task_prompts, task_stops
 
 ALIGN_STATS = ("p_at_1", "p_at_1_inside_cutoff", "seed_pairs", "rows_mapped", "nnz", "build_s", "cache_hit")
 UNMAPPED_WARNING = 0.1  # aux top-k mass that projects nowhere, above which a run warns
@@ -55,7 +57,8 @@ class EnsembleReport:
     def table(self) -> str:
         """The comparison as a small text table (what the job prints at the end)."""
         m, width = self.metrics, max([len(s) for s in self.systems] + [8])
-        lines = [f"{'system':<{width}}  {self.metric:>9}  95% CI (Wilson)"]
+        kind = "Wilson" if self.metric in PROPORTION_METRICS else "bootstrap"
+        lines = [f"{'system':<{width}}  {self.metric:>9}  95% CI ({kind})"]
         for s in self.systems:
             low, high = m.get(f"{s}_{self.metric}_ci_low"), m.get(f"{s}_{self.metric}_ci_high")
             ci = f"[{low:.3f}, {high:.3f}]" if low is not None else "-"
@@ -171,7 +174,11 @@ def evaluate_ensemble(members: Sequence[Member], alignments: Sequence[Alignment]
     if member_steps:
         metrics["ensemble_speed_vs_members"] = round(sum(member_steps) / runs["ensemble"].step_s, 3)  # > 1: faster than the sum
         metrics["ensemble_step_vs_slowest"] = round(runs["ensemble"].step_s / max(member_steps), 3)  # target <= 1.15
-    metrics.update(_intervals(systems, correct, metric, bootstrap_samples, seed))
+    if any(c is None for c in correct["ensemble"]):  # a corpus-level metric (BLEU): no per-example scores
+        metrics.update(_corpus_intervals(systems, {t: runs[t].texts for t in systems}, task, examples, metric,
+                                         bootstrap_samples, seed))
+    else:
+        metrics.update(_intervals(systems, correct, metric, bootstrap_samples, seed))
     return EnsembleReport(metrics, rows, systems, metric)
 
 
@@ -277,10 +284,30 @@ def _ensemble_stats(run: Run, aux_names: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _intervals(systems: list[str], correct: dict[str, list], metric: str, resamples: int, seed: int) -> dict[str, Any]:
-    """Wilson intervals per system and the paired bootstrap of ensemble − best member (per-example metrics only)."""
-    if any(c is None for c in correct["ensemble"]):  # a corpus-level metric (BLEU): no per-example scores
+def _corpus_intervals(systems: list[str], texts: dict[str, list[str]], task: str, examples: list[dict[str, Any]],
+                      metric: str, resamples: int, seed: int) -> dict[str, Any]:
+    """A corpus-level metric (BLEU): per system and for ensemble − best member, a bootstrap over examples of the
+    corpus metric (the same resampled examples for every system), from per-example sufficient statistics."""
+    stats = {s: corpus_statistics(task, texts[s], examples) for s in systems}
+    if any(v is None for v in stats.values()):
         return {}
+    from_sums = stats["ensemble"][1]
+    out: dict[str, Any] = {}
+    for s in systems:
+        d = paired_bootstrap_corpus(stats[s][0], None, from_sums, resamples=resamples, seed=seed)
+        out.update({f"{s}_{metric}_ci_low": round(d.low, 4), f"{s}_{metric}_ci_high": round(d.high, 4)})
+    members = systems[:-1]
+    if members:
+        best = max(members, key=lambda s: from_sums(np.asarray(stats[s][0]).sum(axis=0)))  # the main on ties
+        d = paired_bootstrap_corpus(stats["ensemble"][0], stats[best][0], from_sums, resamples=resamples, seed=seed)
+        key = f"ensemble_minus_best_{metric}"
+        out.update({"best_member": best, key: round(d.diff, 4), f"{key}_ci_low": round(d.low, 4),
+                    f"{key}_ci_high": round(d.high, 4), "bootstrap_samples": resamples})
+    return out
+
+
+def _intervals(systems: list[str], correct: dict[str, list], metric: str, resamples: int, seed: int) -> dict[str, Any]:
+    """Wilson intervals per system and the paired bootstrap of ensemble − best member (per-example metrics)."""
     out: dict[str, Any] = {}
     for s in systems:
         low, high = wilson_interval(sum(bool(c) for c in correct[s]), len(correct[s]))

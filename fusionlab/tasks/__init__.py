@@ -16,12 +16,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from fusionlab.errors import FusionlabError
 from fusionlab.io import read_jsonl
 from fusionlab.tasks.formats import ANSWERS, DEMOS, fill
-from fusionlab.tasks.scoring import EXTRACTORS, METRICS
+from fusionlab.tasks.scoring import CORPUS_STATISTICS, EXTRACTORS, METRICS
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data" / "tasks"
 
@@ -317,6 +317,18 @@ def task_stops(task: str | TaskDef, use_chat_template: bool) -> list[str]:
 def extract_answer(task: str | TaskDef, text: str) -> Any:
     """The prediction a task scores: a number, a choice letter, or cleaned text."""
     return EXTRACTORS[get_task(task).extractor].parse(text)
+
+
+def corpus_statistics(task: str | TaskDef, outputs: list[str], examples: list[dict[str, Any]]
+                      ) -> tuple[list[list[float]], Callable[[Sequence[float]], float]] | None:
+    """For a corpus-level metric (BLEU): each example's sufficient statistics and the metric of their sum, what a
+    bootstrap interval needs (``fusionlab.metrics.stats.paired_bootstrap_corpus``); None for per-example metrics."""
+    task = get_task(task)
+    if task.metric not in CORPUS_STATISTICS:
+        return None
+    statistics, from_sums = CORPUS_STATISTICS[task.metric]
+    extractor = EXTRACTORS[task.extractor]
+    return statistics([extractor.parse(o) for o in outputs], [ex["answer"] for ex in examples]), from_sums
 
 
 def score(task: str | TaskDef, outputs: list[str], examples: list[dict[str, Any]]) -> tuple[dict[str, float], list[bool | None]]:

@@ -177,10 +177,39 @@ def mean_match(preds: Sequence[Any], golds: Sequence[Any], extractor: Extractor)
     return (sum(correct) / len(correct) if correct else 0.0), correct
 
 
+def bleu_statistics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> list[list[float]]:
+    """Each example's share of corpus BLEU's sufficient statistics (sacrebleu's sentence counts: n-gram matches
+    and totals for n = 1..4, hypothesis and closest-reference lengths). Corpus BLEU of any multiset of examples
+    is :func:`bleu_from_statistics` of their sum, so a bootstrap resamples rows instead of re-scoring text."""
+    from sacrebleu.metrics.bleu import BLEU
+
+    metric = BLEU(effective_order=True)  # affects only a sentence's score, not the counts taken here
+    rows = []
+    for pred, refs in zip(predictions, references):
+        s = metric.sentence_score(pred, [r for r in refs if r is not None])
+        rows.append([*s.counts, *s.totals, s.sys_len, s.ref_len])
+    return rows
+
+
+def bleu_from_statistics(summed: Sequence[float]) -> float:
+    """Corpus BLEU (sacrebleu's formula, no smoothing) from summed :func:`bleu_statistics` rows."""
+    from sacrebleu.metrics.bleu import BLEU
+
+    order = (len(summed) - 2) // 2
+    counts, totals = [int(c) for c in summed[:order]], [int(t) for t in summed[order:2 * order]]
+    return float(BLEU.compute_bleu(counts, totals, int(summed[-2]), int(summed[-1])).score)
+
+
 def corpus_bleu(preds: Sequence[Any], golds: Sequence[Any], extractor: Extractor) -> tuple[float, list[bool | None]]:
     """Corpus BLEU over every prediction; no per-example verdict."""
     return bleu(preds, golds), [None] * len(preds)
 
+
+# corpus-level metrics: (per-example sufficient statistics of (predictions, golds), the metric of their sum)
+CORPUS_STATISTICS: dict[str, tuple[Callable[[Sequence[Any], Sequence[Any]], list[list[float]]],
+                                   Callable[[Sequence[float]], float]]] = {
+    "bleu": (bleu_statistics, bleu_from_statistics),
+}
 
 # metric name (the key written to metrics.json) -> (predictions, golds, extractor) -> (value, per-example match)
 METRICS: dict[str, Callable[[Sequence[Any], Sequence[Any], Extractor], tuple[float, list[bool | None]]]] = {

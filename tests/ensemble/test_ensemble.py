@@ -178,6 +178,31 @@ def test_evaluate_ensemble_report(tiny_pair, exact_alignment, caplog):
     assert "ensemble - best member" in table and "gate fired on 0.0%" in table
 
 
+def test_evaluate_ensemble_gives_corpus_bleu_its_intervals(tiny_pair, exact_alignment):
+    """BLEU has no per-example verdict: its intervals come from a bootstrap over sentences (same resamples for
+    every system), and the console table says so."""
+    from fusionlab.ensemble import DecodingOptions
+    from fusionlab.metrics.stats import paired_bootstrap_corpus
+    from fusionlab.tasks import corpus_statistics, load_examples
+
+    (m, t), (g, gt) = tiny_pair
+    examples = load_examples("e2e", limit=3)
+    members = [Member("main", m, t, True), Member("aux", g, gt, False)]
+    report = evaluate_ensemble(members, [exact_alignment], "e2e", examples, DecodingOptions(topk=20, drop=None), 6,
+                               batch_size=3, bootstrap_samples=300)
+    r = report.metrics
+    for s in report.systems:
+        assert r[f"{s}_bleu_ci_low"] <= round(r[f"{s}_bleu"], 4) <= r[f"{s}_bleu_ci_high"]
+    best = r["best_member"]
+    texts = {s: [row[f"{s}_output"] for row in report.rows] for s in ("ensemble", best)}
+    (rows_e, from_sums), (rows_b, _) = (corpus_statistics("e2e", texts[s], examples) for s in ("ensemble", best))
+    d = paired_bootstrap_corpus(rows_e, rows_b, from_sums, resamples=300, seed=0)
+    assert r["ensemble_minus_best_bleu"] == round(r["ensemble_bleu"] - r[f"{best}_bleu"], 4) == round(d.diff, 4)
+    assert (r["ensemble_minus_best_bleu_ci_low"], r["ensemble_minus_best_bleu_ci_high"]) == (round(d.low, 4),
+                                                                                              round(d.high, 4))
+    assert "95% CI (bootstrap)" in report.table() and "ensemble - best member" in report.table()
+
+
 @pytest.fixture(scope="module")
 def exact_alignment(tiny_pair):
     (m, t), (g, gt) = tiny_pair

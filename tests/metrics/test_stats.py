@@ -47,3 +47,36 @@ def test_paired_bootstrap_on_a_hand_made_sample():
 def test_paired_bootstrap_rejects_unpaired_input():
     with pytest.raises(FusionlabError, match="equally long"):
         paired_bootstrap([1, 0], [1, 0, 1])
+
+
+def test_corpus_bootstrap_of_a_mean_reproduces_the_paired_bootstrap():
+    """A corpus metric that is a mean of one column (sum / count) is the per-example case: same draws, same interval."""
+    from fusionlab.metrics.stats import paired_bootstrap_corpus
+
+    rng = np.random.default_rng(1)
+    x, y = rng.integers(0, 2, 37).astype(float), rng.integers(0, 2, 37).astype(float)
+    ones = np.ones(37)
+    mean = lambda s: s[0] / s[1]  # noqa: E731
+    corpus = paired_bootstrap_corpus(np.stack([x, ones], 1), np.stack([y, ones], 1), mean, resamples=5000, seed=3)
+    plain = paired_bootstrap(x, y, resamples=5000, seed=3)
+    assert (corpus.diff, corpus.low, corpus.high, corpus.n) == (pytest.approx(plain.diff), pytest.approx(plain.low),
+                                                                pytest.approx(plain.high), plain.n)
+    alone = paired_bootstrap_corpus(np.stack([x, ones], 1), None, mean, resamples=5000, seed=3)
+    assert alone.diff == pytest.approx(x.mean()) and alone.low <= alone.diff <= alone.high
+    with pytest.raises(FusionlabError, match="equal shape"):
+        paired_bootstrap_corpus(np.ones((3, 2)), np.ones((4, 2)), mean)
+
+
+def test_corpus_bleu_from_summed_sentence_statistics_is_sacrebleus():
+    """BLEU's sufficient statistics: summed over any subset they give sacrebleu's corpus BLEU of that subset."""
+    from fusionlab.tasks.scoring import bleu, bleu_from_statistics, bleu_statistics
+
+    refs = [["the cat sat on the mat", "a cat sat on a mat"], ["there is a dog in the park"],
+            ["it rains today in the north", "rain in the north today", "today it rains up north"],
+            ["the food is cheap and good"]]
+    preds = ["the cat sat on a mat", "a dog is in the park", "it rains in the north", "cheap food"]
+    rows = np.asarray(bleu_statistics(preds, refs))
+    assert rows.shape == (4, 10)
+    assert bleu_from_statistics(rows.sum(axis=0)) == pytest.approx(bleu(preds, refs))
+    assert bleu_from_statistics(rows[[0, 2, 2]].sum(axis=0)) == pytest.approx(
+        bleu([preds[0], preds[2], preds[2]], [refs[0], refs[2], refs[2]]))  # a bootstrap resample: repeats allowed
