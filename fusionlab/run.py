@@ -192,6 +192,10 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> None:
         pass
 
 
+# (sweep dir, job, message) of each multirun job that failed with a FusionlabError, for cli's summary
+_FAILED_SWEEP_JOBS: list[tuple[Path, str, str]] = []
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
@@ -201,8 +205,13 @@ def main(cfg: DictConfig) -> float | None:
         print(f"fusionlab: error: {err}", file=sys.stderr)
         from fusionlab.jobs._common import multirun_sweep_dir
 
-        if multirun_sweep_dir() is not None:
-            raise  # hydra records the job as failed; the sweep goes on
+        sweep_dir = multirun_sweep_dir()
+        if sweep_dir is not None:
+            from hydra.core.hydra_config import HydraConfig
+
+            job = HydraConfig.get().job
+            _FAILED_SWEEP_JOBS.append((sweep_dir, f"#{job.num} ({' '.join(job.override_dirname.split(','))})", str(err)))
+            raise  # hydra records the job as failed; the sweep goes on (cli sums the failures up at the end)
         sys.exit(2)
     except BaseException as err:
         _record_failure(cfg, err)
@@ -235,6 +244,15 @@ def cli() -> None:
         if full_errors == "1":
             raise
         print(f"fusionlab: error: {config_error_message(err)}", file=sys.stderr)
+        sys.exit(2)
+    except FusionlabError:  # Hydra's basic sweeper re-raises a failed job's error after every job ran
+        if full_errors == "1" or not _FAILED_SWEEP_JOBS:
+            raise
+        sweep_dir = _FAILED_SWEEP_JOBS[0][0]
+        failures = "; ".join(f"{job}: {message.rstrip('.')}" for _, job, message in _FAILED_SWEEP_JOBS) + "."
+        print(f"fusionlab: error: {len(_FAILED_SWEEP_JOBS)} job(s) of the multirun failed, the others ran — {failures} "
+              f"Every job's metrics.json says ok or failed; python -m fusionlab.report {sweep_dir} tabulates them.",
+              file=sys.stderr)
         sys.exit(2)
     except OSError as err:  # Hydra could not create its run / sweep dir, before any job code ran
         if full_errors == "1" or _raised_in_job(err):

@@ -29,9 +29,13 @@ def test_failing_job_is_recorded_and_the_sweep_goes_on(failing_sweep):
         assert "/nonexistent" in jobs[k][1]["error"] and jobs[k][1]["job"] == "evaluate"
     for k in ok:
         assert jobs[k][1]["n"] == 2 and 0.0 <= jobs[k][1]["accuracy"] <= 1.0
-    # Hydra's basic launcher runs every job, then exits non-zero naming a failed job's overrides.
-    assert proc.returncode != 0
-    assert "Error executing job with overrides" in proc.stderr and "task.path=/nonexistent" in proc.stderr
+    # Hydra's basic launcher runs every job, then re-raises the first failure: one paragraph naming every failed
+    # job, its overrides and the fix, exit 2 — never a traceback.
+    assert proc.returncode == 2
+    summary = proc.stderr.strip().splitlines()[-1]
+    assert summary.startswith("fusionlab: error: 2 job(s) of the multirun failed, the others ran")
+    assert summary.count("task.path=/nonexistent") >= 2 and f"python -m fusionlab.report {sweep}" in summary
+    assert "Traceback" not in proc.stderr
 
     # One offline W&B run per job that got as far as logging, all in the sweep's group, each finished.
     runs = offline_runs(sweep)
