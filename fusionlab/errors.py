@@ -10,6 +10,9 @@ hub without network) becomes the same one paragraph instead of a traceback.
 """
 from __future__ import annotations
 
+from types import FrameType
+from typing import Iterator
+
 
 class FusionlabError(Exception):
     """An error caused by user input; its message says what was wrong and what to do."""
@@ -64,3 +67,11 @@ def user_error(err: BaseException) -> FusionlabError | None:
 def _first_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def traceback_frames(err: BaseException) -> Iterator[FrameType]:
+    """The frames ``err`` passed through, outermost first (to tell where a third-party error came from)."""
+    tb = err.__traceback__
+    while tb is not None:
+        yield tb.tb_frame
+        tb = tb.tb_next

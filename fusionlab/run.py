@@ -26,7 +26,7 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from fusionlab.errors import FusionlabError, user_error
+from fusionlab.errors import FusionlabError, traceback_frames, user_error
 from fusionlab.io import clean_stale_temps, write_json
 from fusionlab.schema import GROUP_SCHEMAS, RootConfig, config_error_message, override_on_null_message, validate
 
@@ -209,8 +209,8 @@ def main(cfg: DictConfig) -> float | None:
         if sweep_dir is not None:
             from hydra.core.hydra_config import HydraConfig
 
-            job = HydraConfig.get().job
-            _FAILED_SWEEP_JOBS.append((sweep_dir, f"#{job.num} ({' '.join(job.override_dirname.split(','))})", str(err)))
+            hydra = HydraConfig.get()
+            _FAILED_SWEEP_JOBS.append((sweep_dir, f"#{hydra.job.num} ({' '.join(hydra.overrides.task)})", str(err)))
             raise  # hydra records the job as failed; the sweep goes on (cli sums the failures up at the end)
         sys.exit(2)
     except BaseException as err:
@@ -222,12 +222,7 @@ def main(cfg: DictConfig) -> float | None:
 
 def _raised_in_job(err: BaseException) -> bool:
     """Whether ``err`` passed through :func:`main`, the job itself (else Hydra raised it while setting up)."""
-    tb = err.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code is main.__wrapped__.__code__:
-            return True
-        tb = tb.tb_next
-    return False
+    return any(frame.f_code is main.__wrapped__.__code__ for frame in traceback_frames(err))
 
 
 def cli() -> None:

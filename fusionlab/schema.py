@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fusionlab.align.methods import ALIGN_METHODS, AlignOptions
 from fusionlab.distill.config import DistillConfig, FuseChatMergeConfig
 from fusionlab.ensemble.config import EnsembleConfig
-from fusionlab.errors import FusionlabError
+from fusionlab.errors import FusionlabError, traceback_frames
 from fusionlab.merge.chat_vector import ChatVectorConfig
 from fusionlab.merge.config import MergeConfig
 from fusionlab.merge.lora import ExtractLoraConfig
@@ -150,12 +150,10 @@ def override_on_null_message(err: AssertionError) -> str | None:
     """Hydra asserts (instead of raising) when a command-line override sets a key under a node that is null in the
     composed config (``trainer.max_steps=3`` for a job whose ``trainer`` is null). The override, from Hydra's own
     frame: a paragraph naming it and the null node; None for any other AssertionError."""
-    tb = err.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_name != "_apply_overrides_to_config":
-        tb = tb.tb_next
-    if tb is None or "override" not in tb.tb_frame.f_locals:
+    frame = next((f for f in traceback_frames(err) if f.f_code.co_name == "_apply_overrides_to_config"), None)
+    if frame is None or "override" not in frame.f_locals:
         return None
-    override, cfg = tb.tb_frame.f_locals["override"], tb.tb_frame.f_locals.get("cfg")
+    override, cfg = frame.f_locals["override"], frame.f_locals.get("cfg")
     key = str(getattr(override, "key_or_group", ""))
     parts = key.split(".")
     null = next((".".join(parts[:i]) for i in range(1, len(parts))

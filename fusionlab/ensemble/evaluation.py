@@ -15,12 +15,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-import numpy as np
-
 from fusionlab.align.alignment import Alignment
 from fusionlab.ensemble.config import DecodingOptions
 from fusionlab.ensemble.decoder import EnsembleOutput, EvaDecoder, add_stats, summarize
-from fusionlab.metrics.stats import paired_bootstrap, paired_bootstrap_corpus, wilson_interval
+from fusionlab.metrics.stats import PairedDifference, paired_bootstrap, paired_bootstrap_corpus, wilson_interval
 from fusionlab.tasks import corpus_statistics, extract_answer, get_task, score, task_prompts, task_stops
 
 ALIGN_STATS = ("p_at_1", "p_at_1_inside_cutoff", "seed_pairs", "rows_mapped", "nnz", "build_s", "cache_hit")
@@ -175,7 +173,8 @@ def evaluate_ensemble(members: Sequence[Member], alignments: Sequence[Alignment]
         metrics["ensemble_speed_vs_members"] = round(sum(member_steps) / runs["ensemble"].step_s, 3)  # > 1: faster than the sum
         metrics["ensemble_step_vs_slowest"] = round(runs["ensemble"].step_s / max(member_steps), 3)  # target <= 1.15
     if any(c is None for c in correct["ensemble"]):  # a corpus-level metric (BLEU): no per-example scores
-        metrics.update(_corpus_intervals(systems, {t: runs[t].texts for t in systems}, task, examples, metric,
+        metrics.update(_corpus_intervals(systems, {t: runs[t].texts for t in systems},
+                                         {t: metrics[f"{t}_{metric}"] for t in systems}, task, examples, metric,
                                          bootstrap_samples, seed))
     else:
         metrics.update(_intervals(systems, correct, metric, bootstrap_samples, seed))
@@ -284,8 +283,8 @@ def _ensemble_stats(run: Run, aux_names: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _corpus_intervals(systems: list[str], texts: dict[str, list[str]], task: str, examples: list[dict[str, Any]],
-                      metric: str, resamples: int, seed: int) -> dict[str, Any]:
+def _corpus_intervals(systems: list[str], texts: dict[str, list[str]], values: dict[str, float], task: str,
+                      examples: list[dict[str, Any]], metric: str, resamples: int, seed: int) -> dict[str, Any]:
     """A corpus-level metric (BLEU): per system and for ensemble − best member, a bootstrap over examples of the
     corpus metric (the same resampled examples for every system), from per-example sufficient statistics."""
     stats = {s: corpus_statistics(task, texts[s], examples) for s in systems}
@@ -298,12 +297,17 @@ def _corpus_intervals(systems: list[str], texts: dict[str, list[str]], task: str
         out.update({f"{s}_{metric}_ci_low": round(d.low, 4), f"{s}_{metric}_ci_high": round(d.high, 4)})
     members = systems[:-1]
     if members:
-        best = max(members, key=lambda s: from_sums(np.asarray(stats[s][0]).sum(axis=0)))  # the main on ties
+        best = max(members, key=lambda s: values[s])  # the main on ties
         d = paired_bootstrap_corpus(stats["ensemble"][0], stats[best][0], from_sums, resamples=resamples, seed=seed)
-        key = f"ensemble_minus_best_{metric}"
-        out.update({"best_member": best, key: round(d.diff, 4), f"{key}_ci_low": round(d.low, 4),
-                    f"{key}_ci_high": round(d.high, 4), "bootstrap_samples": resamples})
+        out.update(_difference_to_best(best, d, metric))
     return out
+
+
+def _difference_to_best(best: str, d: PairedDifference, metric: str) -> dict[str, Any]:
+    """The metrics.json keys of ensemble − best member and its interval."""
+    key = f"ensemble_minus_best_{metric}"
+    return {"best_member": best, key: round(d.diff, 4), f"{key}_ci_low": round(d.low, 4),
+            f"{key}_ci_high": round(d.high, 4), "bootstrap_samples": d.resamples}
 
 
 def _intervals(systems: list[str], correct: dict[str, list], metric: str, resamples: int, seed: int) -> dict[str, Any]:
@@ -317,7 +321,5 @@ def _intervals(systems: list[str], correct: dict[str, list], metric: str, resamp
         best = max(members, key=lambda s: sum(bool(c) for c in correct[s]))  # the first (main) on ties
         d = paired_bootstrap([float(bool(c)) for c in correct["ensemble"]], [float(bool(c)) for c in correct[best]],
                              resamples=resamples, seed=seed)
-        key = f"ensemble_minus_best_{metric}"
-        out.update({"best_member": best, key: round(d.diff, 4), f"{key}_ci_low": round(d.low, 4),
-                    f"{key}_ci_high": round(d.high, 4), "bootstrap_samples": resamples})
+        out.update(_difference_to_best(best, d, metric))
     return out

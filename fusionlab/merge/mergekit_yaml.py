@@ -95,9 +95,8 @@ def load_mergekit_config(path: str | Path, output: str | Path, **overrides: Any)
     for key in ("models", "slices"):
         if raw.get(key) is not None and not isinstance(raw[key], list):
             raise FusionlabError(f"{p}: {key} must be a list (one '- ...' entry per {key[:-1]}), got {raw[key]!r}.")
-    for key in ("tokenizer",):
-        if raw.get(key) is not None and not isinstance(raw[key], dict):
-            raise FusionlabError(f"{p}: {key} must be a mapping (name: value), got {raw[key]!r}.")
+    if raw.get("tokenizer") is not None and not isinstance(raw["tokenizer"], dict):
+        raise FusionlabError(f"{p}: tokenizer must be a mapping (name: value), got {raw['tokenizer']!r}.")
     for key, why in _REFUSED.items():
         if raw.get(key) is not None:
             raise FusionlabError(f"mergekit option {key!r} in {p}: {why}.")

@@ -81,30 +81,25 @@ def paired_bootstrap_corpus(stats_a: Sequence[Sequence[float]], stats_b: Sequenc
     """Percentile paired-bootstrap interval of a corpus-level metric (BLEU): ``metric(sum of a's rows)`` minus the
     same of b's, with the same resampled examples for both (Koehn, EMNLP 2004); ``stats_b`` None: the interval of
     a's metric itself. Rows are per-example sufficient statistics, so a resample sums rows instead of re-scoring.
-    The resampling draws are :func:`paired_bootstrap`'s, so a mean-of-one-column metric reproduces it exactly."""
-    a = np.asarray(stats_a, dtype=np.float64)
-    b = None if stats_b is None else np.asarray(stats_b, dtype=np.float64)
-    if a.ndim != 2 or a.shape[0] == 0 or b is not None and b.shape != a.shape:
+    The resampling draws are :func:`paired_bootstrap`'s: a mean-of-one-column metric reproduces it (to rounding)."""
+    systems = [np.asarray(x, dtype=np.float64) for x in (stats_a, stats_b) if x is not None]
+    if systems[0].ndim != 2 or systems[0].shape[0] == 0 or any(x.shape != systems[0].shape for x in systems):
         raise FusionlabError(f"paired_bootstrap_corpus needs non-empty per-example statistics of equal shape, got "
-                             f"{a.shape} and {None if b is None else b.shape}.")
+                             f"{[x.shape for x in systems]}.")
     if resamples < 1:
         raise FusionlabError(f"paired_bootstrap_corpus resamples={resamples} must be >= 1.")
     _z(confidence)
-    n = a.shape[0]
-
-    def value(rows_a: np.ndarray, rows_b: np.ndarray | None) -> float:
-        return metric(rows_a) - (metric(rows_b) if rows_b is not None else 0.0)
-
+    n = systems[0].shape[0]
+    signs = (1.0, -1.0)[:len(systems)]  # a, or a - b
     rng = np.random.default_rng(seed)
-    values = np.empty(resamples)
+    values = np.zeros(resamples)
     chunk = max(1, 200_000 // n)  # bounded memory (chunk x n x statistics); the draws do not depend on it
     for start in range(0, resamples, chunk):
         stop = min(resamples, start + chunk)
         idx = rng.integers(0, n, size=(stop - start, n))
-        sums_a = a[idx].sum(axis=1)
-        sums_b = None if b is None else b[idx].sum(axis=1)
-        values[start:stop] = [value(sums_a[i], None if sums_b is None else sums_b[i]) for i in range(stop - start)]
+        for sign, x in zip(signs, systems):
+            values[start:stop] += [sign * metric(row) for row in x[idx].sum(axis=1)]
     alpha = 1 - confidence
     low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
-    return PairedDifference(float(value(a.sum(axis=0), None if b is None else b.sum(axis=0))), float(low),
-                            float(high), n, resamples)
+    point = sum(sign * metric(x.sum(axis=0)) for sign, x in zip(signs, systems))
+    return PairedDifference(float(point), float(low), float(high), n, resamples)

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from fusionlab.errors import FusionlabError
+from fusionlab.io import read_yaml
 from fusionlab.tracking import is_multirun
 
 SKIP_DIRS = {"wandb", "csv", "lightning_logs", "checkpoints", "__pycache__"}
@@ -82,8 +83,8 @@ def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         return None
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return read_yaml(path)
+    except FusionlabError:
         return None
 
 

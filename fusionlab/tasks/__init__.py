@@ -245,9 +245,9 @@ def load_examples(task: str | TaskDef, path: str | None = None, limit: int | Non
     else:
         raise FusionlabError(f"Task {task.name!r} has no data of its own; give a JSONL file with "
                              f"task.path=/path/to/{task.name}.jsonl (fields: question, answer).")
-    if not rows:
-        raise FusionlabError(f"Task {task.name!r} has no examples (source: {path or task.data_file or task.hf_dataset}).")
     source = str(p) if path is not None else task.data_file or task.hf_dataset
+    if not rows:
+        raise FusionlabError(f"Task {task.name!r} has no examples (source: {source}).")
     return select_examples([_normalise(task, r, i, source) for i, r in enumerate(rows)], limit, seed, shuffle)
 
 
