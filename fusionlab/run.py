@@ -186,14 +186,26 @@ def _record_failure(cfg: DictConfig, err: BaseException) -> None:
         if written.is_file() and json.loads(written.read_text()).get("status") == "failed":
             return
         output_dir.mkdir(parents=True, exist_ok=True)
+        status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
         write_json(output_dir / "metrics.json",
-                   {"job": cfg.get("job"), "status": "failed", "error": f"{type(err).__name__}: {err}"})
+                   {"job": cfg.get("job"), "status": status, "error": f"{type(err).__name__}: {err}".rstrip(": ")})
     except Exception:  # the original error matters more than this record
         pass
 
 
 # (sweep dir, job, message) of each multirun job that failed with a FusionlabError, for cli's summary
 _FAILED_SWEEP_JOBS: list[tuple[Path, str, str]] = []
+_INTERRUPTED_IN: list[str] = []  # the output dir of the job a Ctrl-C stopped, for cli's message
+
+# Hydra's flags that take no value: argparse refuses them after the first override
+# (`+experiment=x -m a=1,2` → "unrecognized arguments: a=1,2"), so cli moves them to the front.
+VALUELESS_FLAGS = ("-m", "--multirun", "--resolve")
+
+
+def flags_first(argv: list[str]) -> list[str]:
+    """``argv`` with Hydra's value-less flags moved before the overrides (their order otherwise kept)."""
+    flags = [a for a in argv[1:] if a in VALUELESS_FLAGS]
+    return [argv[0], *flags, *(a for a in argv[1:] if a not in VALUELESS_FLAGS)]
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -213,6 +225,10 @@ def main(cfg: DictConfig) -> float | None:
             _FAILED_SWEEP_JOBS.append((sweep_dir, f"#{hydra.job.num} ({' '.join(hydra.overrides.task)})", str(err)))
             raise  # hydra records the job as failed; the sweep goes on (cli sums the failures up at the end)
         sys.exit(2)
+    except KeyboardInterrupt as err:
+        _record_failure(cfg, err)
+        _INTERRUPTED_IN.append(str(cfg.paths.output_dir))
+        raise
     except BaseException as err:
         _record_failure(cfg, err)
         raise
@@ -233,8 +249,17 @@ def cli() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     full_errors = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let composition errors reach us instead of Hydra's own printout
+    sys.argv = flags_first(sys.argv)
     try:
         main()
+    except KeyboardInterrupt:  # Ctrl-C: a short note, not the traceback of wherever the job happened to be
+        if full_errors == "1":
+            raise
+        where = f" in {_INTERRUPTED_IN[0]}" if _INTERRUPTED_IN else ""
+        print(f"\nfusionlab: interrupted{where}: the job stopped before its end and wrote no final output (its "
+              "metrics.json says interrupted). Run the same command again: it starts over (a distill fit resumes "
+              "from its last checkpoint; caches already built are reused).", file=sys.stderr)
+        sys.exit(130)
     except (HydraException, OmegaConfBaseException) as err:
         if full_errors == "1":
             raise

@@ -178,7 +178,7 @@ def config_error_message(err: BaseException) -> str:
         text = text.split("\nConfig search path")[0]
         text = re.sub(r"\s*\n\s*", "; ", text).replace(":; ", ": ")
         text = re.sub(r"; (object_type|reference_type|ref_type)=[^;]*", "", text)
-        if text and "$VALUE" not in text and text not in " ".join(parts):
+        if text and text != "None" and "$VALUE" not in text and text not in " ".join(parts):  # antlr's causes print None
             parts.append(text)
     msg = " — ".join(parts) or type(err).__name__
     return (f"bad configuration: {msg}. Check the key and value named here (python -m fusionlab.run --cfg job "

@@ -28,7 +28,7 @@ class Run:
 
     path: Path
     name: str                     # path relative to the dir the user gave (``0``, ``sweep/3``)
-    status: str                   # ok | failed | incomplete
+    status: str                   # ok | failed | interrupted | incomplete
     overrides: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     objective: str | None = None  # the config's ``objective`` (the metric sweepers optimise)

@@ -6,6 +6,7 @@ and a representative handful through ``python -m fusionlab.run`` (exit 2, one pa
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -366,3 +367,44 @@ def test_every_target_key_misspelt_is_refused_with_the_right_suggestion(tmp_path
                 tried += 1
                 assert message and f"{where}.{typo}" in message and key in message, (where, typo, message)
     assert tried >= 5
+
+
+def test_multirun_flag_after_the_overrides_is_honoured(tmp_path):
+    """argparse refuses Hydra's -m after an override ("unrecognized arguments: task.limit=-1"); cli moves it first,
+    so `+experiment=x -m a=1,2` sweeps as users type it (here its one job fails validation, as a multirun does)."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, "-m", "fusionlab.run", "+experiment=eval_addsub", "-m", "task.limit=-1",
+                           f"hydra.sweep.dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "unrecognized arguments" not in proc.stderr
+    assert "1 job(s) of the multirun failed" in proc.stderr and "task.limit=-1" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_override_syntax_error_names_the_override_without_noise(tmp_path):
+    proc = fusionlab_run(["+experiment=eva_addsub", "ensemble.topk={a:1"], tmp_path / "run")
+    assert proc.returncode == 2 and "{a:1" in proc.stderr, proc.stderr[-2000:]
+    assert "None" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_ends_with_one_note_and_an_interrupted_record(tmp_path):
+    """Ctrl-C (SIGINT) inside a job: exit 130, a short note naming the run dir instead of the traceback of wherever the
+    job was, metrics.json marked interrupted, no final output (here stopped as predictions.jsonl is being written)."""
+    import signal
+
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "FUSIONLAB_TEST_PAUSE": "write:predictions.jsonl"}
+    proc = subprocess.Popen([sys.executable, "-m", "fusionlab.run", "+experiment=eval_addsub", "task.limit=1",
+                             "generation.max_new_tokens=4", "logger=none", f"hydra.run.dir={run_dir}"], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "paused write:predictions.jsonl" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, "".join(seen)[-2000:] + rest[-2000:]
+    assert f"fusionlab: interrupted in {run_dir}" in rest and "Traceback" not in rest, rest[-2000:]
+    assert json.loads((run_dir / "metrics.json").read_text()) == {"job": "evaluate", "status": "interrupted",
+                                                                  "error": "KeyboardInterrupt"}
+    assert not (run_dir / "predictions.jsonl").exists()
