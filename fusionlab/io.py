@@ -202,38 +202,54 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False, *, owned: bool 
 
 
 # ------------------------------------------------------------------------------------------ reads
-def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> list[dict]:
-    """The JSON objects of a JSONL file, one per non-empty line; a bad line names the file and line."""
-    path = Path(path)
-    rows = []
+USER_TEXT = "utf-8-sig"  # UTF-8, with or without the byte-order mark some editors (Notepad, Excel) put first
+
+
+@contextlib.contextmanager
+def _reading_user_text(path: Path, what: str) -> Iterator[None]:
+    """A user's text file that cannot be read as text: one message naming it and why, whatever the reader."""
     try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise FusionlabError(f"{what} {str(path)!r}, line {number}, is not valid JSON ({e}); fix or "
-                                         "remove that line (each line holds one JSON object).") from None
-                if not isinstance(row, dict):
-                    raise FusionlabError(f"{what} {str(path)!r}, line {number}, holds a {type(row).__name__}, not "
-                                         "a JSON object ({...}); each line must be one object with the task's "
-                                         "fields.")
-                rows.append(row)
+        yield
     except UnicodeDecodeError as e:
         raise FusionlabError(f"{what} {str(path)!r} is not UTF-8 text ({e}); is it the right file?") from None
     except IsADirectoryError:
         raise FusionlabError(f"{what} {str(path)!r} is a directory; give the .jsonl file.") from None
     except FileNotFoundError:
         raise FusionlabError(f"{what} {str(path)!r} does not exist; check the path.") from None
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> list[dict]:
+    """The JSON objects of a JSONL file, one per non-empty line; a bad line names the file and line."""
+    path = Path(path)
+    rows = []
+    with _reading_user_text(path, what), open(path, encoding=USER_TEXT) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise FusionlabError(f"{what} {str(path)!r}, line {number}, is not valid JSON ({e}); fix or "
+                                     "remove that line (each line holds one JSON object).") from None
+            if not isinstance(row, dict):
+                raise FusionlabError(f"{what} {str(path)!r}, line {number}, holds a {type(row).__name__}, not "
+                                     "a JSON object ({...}); each line must be one object with the fields this "
+                                     "file needs.")
+            rows.append(row)
     return rows
+
+
+def count_jsonl_rows(path: str | os.PathLike, what: str = "JSONL file") -> int:
+    """Non-empty lines of a JSONL file, without parsing them (cheap enough for config checks)."""
+    path = Path(path)
+    with _reading_user_text(path, what), open(path, encoding=USER_TEXT) as f:
+        return sum(1 for line in f if line.strip())
 
 
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding=USER_TEXT))
     except (ValueError, UnicodeDecodeError) as e:
         raise FusionlabError(f"{what} {str(path)!r} is not valid JSON ({e}); fix or replace it.") from None
     except OSError as e:
@@ -254,7 +270,7 @@ def read_yaml(path: str | os.PathLike, what: str = "YAML file") -> Any:
 
     path = Path(path)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding=USER_TEXT))
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f", line {where.line + 1}" if where is not None else ""

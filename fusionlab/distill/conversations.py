@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fusionlab.errors import FusionlabError
-from fusionlab.io import read_jsonl
+from fusionlab.io import count_jsonl_rows, read_jsonl
 
 # The conversations shipped inside the package (500 Alpaca-GPT4 records, ShareGPT format; source and
 # license, CC BY-NC 4.0, in fusionlab/data/chat/README.md).
@@ -31,6 +31,9 @@ def find_conversations(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if not p.is_file() and not p.is_absolute() and (_CHECKOUT / p).is_file():
         p = _CHECKOUT / p
+    if p.is_dir():
+        raise FusionlabError(f"Conversation file {str(path)!r} is a directory; set distill.data.path to the jsonl "
+                             "file in it.")
     if not p.is_file():
         raise FusionlabError(f"Conversation file {str(path)!r} does not exist; set distill.data.path "
                              "to a jsonl with `conversations` or `messages` per line (default: the shipped "
@@ -44,7 +47,7 @@ def load_conversations(path: str | Path, limit: int | None = None) -> list[dict[
     Returns ``[{"id": str, "messages": [{"role", "content"}]}]``.
     """
     path = find_conversations(path)
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, "Conversation file")
     out = []
     for n, row in enumerate(rows[: limit if limit else None]):
         turns = row.get("messages") or row.get("conversations")
@@ -72,8 +75,7 @@ def load_conversations(path: str | Path, limit: int | None = None) -> list[dict[
 
 def count_conversations(path: str | Path) -> int:
     """Non-empty lines of a conversation file (cheap: config checks run it before anything loads)."""
-    with open(find_conversations(path), encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+    return count_jsonl_rows(find_conversations(path), "Conversation file")
 
 
 def split_conversations(conversations: list[dict[str, Any]], heldout: int, seed: int = 0,

@@ -38,9 +38,12 @@ def check_device(device: str, key: str = "device") -> str:
     checked by :func:`resolve_device`, on the machine that runs the job)."""
     if device != "auto":
         try:
-            torch.device(device)
+            kind = torch.device(device).type
         except (RuntimeError, TypeError):
             raise FusionlabError(f"{key}={device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+        if kind not in ("cpu", "cuda"):  # mps, xpu, meta, …: torch parses them, fusionlab does not run there
+            raise FusionlabError(f"{key}={device!r}: fusionlab runs models on the CPU or a CUDA GPU only; use auto, "
+                                 "cpu, cuda or cuda:N.")
     return device
 
 
@@ -52,6 +55,9 @@ def resolve_device(device: str, key: str = "device") -> torch.device:
     resolved = torch.device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise FusionlabError(f"{key}={device!r} but no CUDA GPU is visible; use {key}=cpu.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise FusionlabError(f"{key}={device!r} but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                             f"(cuda:0 … cuda:{torch.cuda.device_count() - 1}); pick one of them or {key}=cuda.")
     return resolved
 
 

@@ -7,7 +7,6 @@ template that makes one text of each row. Anything else is a JSONL file with the
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,15 +60,11 @@ def _named_texts(name: str, path: Path | None) -> list[str]:
 
 def _file_texts(path: Path, field: str) -> list[str]:
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if field not in row:
-                raise FusionlabError(f"Line {lineno} of {str(path)!r} has no field {field!r} (it has {sorted(row)}); "
-                                     "name the field that holds the text (text_field).")
-            texts.append(str(row[field]))
+    for number, row in enumerate(read_jsonl(path, "Text file"), 1):
+        if field not in row:
+            raise FusionlabError(f"Row {number} of {str(path)!r} has no field {field!r} (it has {sorted(row)}); "
+                                 "name the field that holds the text (text_field).")
+        texts.append(str(row[field]))
     return texts
 
 

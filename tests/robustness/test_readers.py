@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from fusionlab.errors import FusionlabError, user_error
-from fusionlab.io import (check_gguf, read_json, read_jsonl, read_safetensors_header, read_yaml, torch_load)
+from fusionlab.io import (check_gguf, count_jsonl_rows, read_json, read_jsonl, read_safetensors_header, read_yaml,
+                          torch_load)
 
 
 @pytest.fixture
@@ -208,3 +209,62 @@ def test_third_party_errors_become_one_paragraph():
     hub = OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them")
     assert "HF hub" in str(user_error(hub))
     assert user_error(RuntimeError("a real bug")) is None
+
+
+def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
+    """Editors such as Notepad start UTF-8 files with a BOM; json refuses it ("Unexpected UTF-8 BOM"), we read it."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"question": "1+1?", "answer": 2}\n')
+    (tmp_path / "a.json").write_bytes(bom + b'{"a": 1}')
+    (tmp_path / "a.yaml").write_bytes(bom + b"a: 1\n")
+    assert read_jsonl(tmp_path / "a.jsonl") == [{"question": "1+1?", "answer": 2}]
+    assert read_json(tmp_path / "a.json") == {"a": 1} and read_yaml(tmp_path / "a.yaml") == {"a": 1}
+
+
+@pytest.mark.parametrize("case,needle", [("utf16", "is not UTF-8 text"), ("dir", "is a directory"),
+                                         ("missing", "does not exist")])
+def test_row_count_names_an_unreadable_file(tmp_path, case, needle):
+    """The config-time count of a conversation file (distill.data checks) reads it as text: same errors as the reader."""
+    from fusionlab.distill.conversations import count_conversations
+
+    path = tmp_path / "c.jsonl"
+    if case == "utf16":
+        path.write_text('{"messages": []}\n', encoding="utf-16")
+    elif case == "dir":
+        path.mkdir()
+    with pytest.raises(FusionlabError, match=needle) as err:
+        count_jsonl_rows(path, "Conversation file") if case != "dir" else count_conversations(path)
+    assert "c.jsonl" in str(err.value)
+
+
+@pytest.mark.parametrize("content,needle", [('{"text": "a"}\n{bad\n', "line 2, is not valid JSON"),
+                                            ("[1, 2]\n", "line 1, holds a list"),
+                                            ('{"body": "a"}\n', "has no field 'text'")])
+def test_a_text_set_file_names_its_bad_row(tmp_path, content, needle):
+    """metric.texts / merge eval sets given as a JSONL file go through the JSONL reader (was json.loads: a traceback)."""
+    from fusionlab.tasks.texts import load_text_set
+
+    path = tmp_path / "texts.jsonl"
+    path.write_text(content)
+    with pytest.raises(FusionlabError, match=needle) as err:
+        load_text_set(str(path))
+    assert "texts.jsonl" in str(err.value)
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta"])
+def test_devices_fusionlab_does_not_run_on_are_refused_at_config_time(device):
+    from fusionlab.models import ModelSpec
+
+    with pytest.raises(FusionlabError, match=f"model.device='{device}': fusionlab runs models on the CPU or a CUDA GPU"):
+        ModelSpec(name="m", source="embedded", path="smollm2_135m", device=device)
+
+
+def test_a_cuda_index_past_the_visible_gpus_is_named(monkeypatch):
+    """cuda:7 on a one-GPU box: named with the GPUs there are (torch's own error comes later, mid-load)."""
+    from fusionlab.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(FusionlabError, match=r"model.device='cuda:7' but only 1 CUDA GPU\(s\) are visible"):
+        resolve_device("cuda:7", "model.device")
+    assert resolve_device("cuda:0", "model.device") == torch.device("cuda:0")
