@@ -288,6 +288,23 @@ def effective_key_params(options: AlignOptions, n_aux: int) -> dict[str, Any]:
     return params
 
 
+def same_vocabulary(aux_tok, main_tok, n_aux: int, n_main: int, aux_eos_ids=()) -> Alignment:
+    """Members that share a tokenizer (two fine-tunes of one base): the exact identity projection, no build.
+
+    Any learned map could only lose mass here. Rows past the tokenizer (lm_head padding) map nowhere, as
+    ``mined`` treats them; the aux end-of-turn tokens still go to main's EOS.
+    """
+    real = min(len(aux_tok), n_aux, n_main)
+    cols = torch.full((n_aux, 1), -1, dtype=torch.long)
+    cols[:real, 0] = torch.arange(real)
+    vals = (cols >= 0).float()
+    result = Alignment(cols, vals, n_main, method="identity",
+                       stats={"p_at_1": 1.0, "rows_mapped": real, "rows_total": n_aux, "nnz": real, "build_s": 0.0})
+    result.stats["special_pairs"] = _map_specials(result, aux_tok, main_tok, aux_eos_ids)
+    log.info("Aux and main share a tokenizer: identity projection (%d of %d aux rows), no alignment built", real, n_aux)
+    return result
+
+
 def align(aux_model, aux_tok, main_model, main_tok, method: str | AlignOptions = "vecmap_csls", *,
           cache_dir: str | Path | None = None, rebuild: bool = False, aux_eos_ids=(), progress: bool = False,
           **params: Any) -> Alignment:

@@ -44,11 +44,19 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 def align_members(main, aux: Sequence, method: str, params: dict[str, Any], cache_dir, rebuild: bool = False) -> list[Alignment]:
     """One alignment per aux ``(model, tokenizer)`` onto ``main``'s vocabulary (cached), with each aux
-    model's end-of-turn tokens sent to main's EOS."""
+    model's end-of-turn tokens sent to main's EOS. An aux that shares main's tokenizer (two fine-tunes of one
+    base) gets the exact identity projection whatever ``method`` says: a learned map could only lose mass."""
     from fusionlab.align import align
+    from fusionlab.align.methods import same_vocabulary
 
-    return [align(model, tok, *main, method, cache_dir=cache_dir, rebuild=rebuild,
-                  aux_eos_ids=sorted(eos_ids(model, tok)), **params) for model, tok in aux]
+    def one(model, tok) -> Alignment:
+        if tokenizer_hash(tok) == tokenizer_hash(main[1]):
+            return same_vocabulary(tok, main[1], output_embeddings(model).shape[0],
+                                   output_embeddings(main[0]).shape[0], sorted(eos_ids(model, tok)))
+        return align(model, tok, *main, method, cache_dir=cache_dir, rebuild=rebuild,
+                     aux_eos_ids=sorted(eos_ids(model, tok)), **params)
+
+    return [one(model, tok) for model, tok in aux]
 
 
 class _Stream:

@@ -19,6 +19,7 @@ from fusionlab.ensemble.config import DecodingOptions
 from fusionlab.ensemble.evaluation import check_compatibility, decode_members
 from fusionlab.metrics.stats import wilson_interval
 from fusionlab.tasks import TASKS, load_examples
+from tests.conftest import TINY_DIMS
 
 PROMPTS = ["Hello there, how", "The answer is", "A much longer prompt with many words in it to pad"]
 
@@ -75,6 +76,26 @@ def test_identity_ensemble_reproduces_greedy(tiny_pair, main_greedy, candidates,
     out = d.generate(PROMPTS, max_new_tokens=12)
     assert out.texts == main_greedy
     assert out.stats["aux_unmapped_0"] == 0  # the identity maps everything
+
+
+def test_members_sharing_a_tokenizer_get_the_identity_projection_not_a_build(tiny_pair, main_greedy, tmp_path):
+    """Two fine-tunes of one base: align_members gives the exact identity (no vecmap build, nothing cached), so
+    the model ensembled with its own copy is the model alone."""
+    from fusionlab.ensemble import align_members
+    from fusionlab.models import load_model
+
+    (m, t), _ = tiny_pair
+    twin = load_model({"name": "m2", "source": "random", "tokenizer": "smollm2_135m", "seed": 7,
+                       "config": {"model_type": "llama", **TINY_DIMS}})
+    [a] = align_members((m, t), [twin], "vecmap_csls", {}, tmp_path / "align")
+    n = m.get_output_embeddings().weight.shape[0]
+    real = min(len(t), n)
+    assert a.method == "identity" and a.stats["p_at_1"] == 1.0 and not (tmp_path / "align").exists()
+    assert a.cols[:real, 0].tolist() == list(range(real)) and (a.cols[real:] < 0).all()
+    [same] = align_members((m, t), [(m, t)], "vecmap_csls", {}, tmp_path / "align")
+    d = EvaDecoder((m, t), [(m, t)], [same], topk=320, drop=5)
+    d.eos = set()
+    assert d.generate(PROMPTS, max_new_tokens=12).texts == main_greedy
 
 
 def test_gate_threshold_0_is_the_main_model_and_1_is_plain_eva(tiny_pair, exact_alignment):
