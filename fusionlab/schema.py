@@ -4,7 +4,8 @@ Hydra merges every YAML file onto :class:`RootConfig` (registered in the ConfigS
 :mod:`fusionlab.run` as ``fusionlab_schema``, the first entry of ``conf/config.yaml``'s defaults),
 so an unknown key or a value of the wrong type fails at compose time, naming the key. Value
 checks (ranges, choices, paths) live in each library dataclass's ``__post_init__``, written once;
-:func:`validate` runs them all by building the typed objects, before a job loads any model.
+:func:`validate` runs them all by building the typed objects, before a job loads any model. One rule is
+config-wide instead: no number anywhere in the config may be NaN or inf (unless its field says it may).
 
 The node dataclasses belong to the library areas that consume them (``ModelSpec`` in
 ``fusionlab.models``, ``EnsembleConfig`` in ``fusionlab.ensemble`` ...); this module only puts
@@ -15,11 +16,12 @@ each target's signature and their values against a small table of ranges, also i
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, ValueNode, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from fusionlab.align.methods import ALIGN_METHODS, AlignOptions
@@ -97,7 +99,7 @@ def validate(cfg: DictConfig) -> RootConfig:
         cfg = cfg.copy()
         with open_dict(cfg):
             del cfg["hydra"]
-    _reject_unknown_keys(cfg, "")
+    _check_keys_and_numbers(cfg, "")
     try:
         root = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as err:
@@ -111,24 +113,42 @@ def validate(cfg: DictConfig) -> RootConfig:
     return root
 
 
-def _reject_unknown_keys(node: Any, where: str) -> None:
-    """Keys force-added (``+key=value``) to a typed node pass composition; they are still typos."""
-    if OmegaConf.is_config(node) and (node._is_none() or node._is_missing()):
+# The metadata key of a dataclass field for which NaN or inf is a meaningful setting (none is, so far):
+# ``field(default=..., metadata={NON_FINITE: True})``; every other number in the config must be finite.
+NON_FINITE = "non_finite"
+
+
+def _check_keys_and_numbers(node: Any, where: str, default: Any = None, finite: bool = True) -> None:
+    """One walk of the composed config before any ``__post_init__`` runs. Keys force-added (``+key=value``) to a
+    typed node pass composition; they are still typos. A NaN or inf number is refused wherever it sits (a typed
+    option, a list element, a ``_target_`` node, a merge parameter): NaN passes every range check written as
+    ``if x < low: raise``, and either would surface only as NaN losses, weights or logits after the models load."""
+    if isinstance(node, ValueNode):
+        value = node._value()
+        if finite and isinstance(value, float) and not math.isfinite(value):
+            hint = f" (its default is {default})" if isinstance(default, (int, float)) else ""
+            raise FusionlabError(f"{where}={value} is not a finite number: NaN and inf are not valid settings here. "
+                                 f"Set {where} to a finite number{hint}.")
+        return
+    if node._is_none() or node._is_missing():
         return
     if isinstance(node, DictConfig):
         typ = OmegaConf.get_type(node)
-        if dataclasses.is_dataclass(typ):
-            known = {f.name for f in dataclasses.fields(typ)}
-            unknown = sorted(set(node.keys()) - known)
+        fields = {f.name: f for f in dataclasses.fields(typ)} if dataclasses.is_dataclass(typ) else {}
+        if fields:
+            unknown = sorted(set(node.keys()) - set(fields))
             if unknown:
                 raise FusionlabError(f"unknown option(s) {unknown} in {where or 'the config'}; valid options are "
-                                     f"{sorted(known)}.")
-        for key in node.keys():
-            if not OmegaConf.is_missing(node, key) and not OmegaConf.is_interpolation(node, key):
-                _reject_unknown_keys(node._get_node(key), f"{where}.{key}" if where else str(key))
-    elif OmegaConf.is_list(node):
-        for i, item in enumerate(node._iter_ex(resolve=False)):
-            _reject_unknown_keys(item, f"{where}[{i}]")
+                                     f"{sorted(fields)}.")
+        children = [(key, node._get_node(key), f"{where}.{key}" if where else str(key)) for key in node.keys()]
+    else:
+        fields, children = {}, [(None, node._get_node(i), f"{where}[{i}]") for i in range(len(node))]
+    for key, child, full in children:
+        if child._is_missing() or child._is_interpolation():  # an interpolation's target is checked where it sits
+            continue
+        spec = fields.get(key)
+        _check_keys_and_numbers(child, full, spec.default if spec is not None else None,
+                                finite and not (spec is not None and spec.metadata.get(NON_FINITE)))
 
 
 def _missing_keys(node: Any, where: str) -> list[str]:

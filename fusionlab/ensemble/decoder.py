@@ -27,6 +27,7 @@ from fusionlab.ensemble.config import DecodingOptions
 from fusionlab.ensemble.gates import GATES, needs_members
 from fusionlab.ensemble.sync import TextSync
 from fusionlab.errors import FusionlabError
+from fusionlab.models.generation import check_logits
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -114,8 +115,11 @@ class _Stream:
 
     @torch.inference_mode()
     def logits(self) -> torch.Tensor:
-        """Next-token logits (B, V) of every row, after feeding what is pending."""
-        return self._cached() if self.use_cache else self._uncached()
+        """Next-token logits (B, V) of every row, after feeding what is pending; finite (else an error naming the
+        model: a NaN would pass the projections and combiners as a plausible-looking token)."""
+        logits = self._cached() if self.use_cache else self._uncached()
+        check_logits(logits, self.model)
+        return logits
 
     def _uncached(self) -> torch.Tensor:
         width = max(len(s) for s in self.seqs)

@@ -24,6 +24,7 @@ import torch
 from fusionlab.errors import FusionlabError
 from fusionlab.io import read_json_object
 from fusionlab.merge.fast.memory import MappedFiles
+from fusionlab.models.loading import is_finite, non_finite_tensor
 
 INDEX_NAME = "model.safetensors.index.json"
 # Files copied from the tokenizer source into a merged checkpoint (besides config.json).
@@ -59,13 +60,6 @@ def is_embedding(name: str) -> bool:
 def is_input_embedding(name: str) -> bool:
     """The input embedding (the token-indexed tensor before the layers; lm_head comes after them)."""
     return name in EMBED_NAMES or name.endswith("embed_tokens.weight")
-
-
-def is_finite(t: torch.Tensor) -> bool:
-    """No NaN/inf in ``t``. One reduction; the exact elementwise check only when the sum is not finite."""
-    if not t.is_floating_point():
-        return True
-    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 class CheckpointReader:
@@ -139,7 +133,8 @@ class CheckpointReader:
         return None
 
     def get(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        """Tensor ``name`` (a tied lm_head gives the embedding), converted to ``dtype`` on ``device``.
+        """Tensor ``name`` (a tied lm_head gives the embedding), converted to ``dtype`` on ``device``; one holding
+        NaN or inf (as stored, or once converted) is refused here, so no job merges, extracts or transplants it.
 
         An fp32 tensor read as fp32 on the CPU is backed by a private copy-on-write mapping of the
         file: writing to it never changes the file, but another ``get`` of the same tensor sees
@@ -151,7 +146,11 @@ class CheckpointReader:
         t = self._read(stored)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
-        return t.to(device)
+        t = t.to(device)
+        if not is_finite(t):
+            stored_ok = is_finite(self._read(stored))  # else the conversion to dtype overflowed
+            raise non_finite_tensor(stored, self.label + (f" once converted to {dtype}" if stored_ok else ""))
+        return t
 
     def _read(self, name: str) -> torch.Tensor:
         """The tensor's bytes, backed by the (copy-on-write) file mapping: no copy."""

@@ -25,6 +25,7 @@ is read; a name the signature does not have is an error naming it.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 import types
 from typing import Annotated, Any, Callable, Literal, Mapping, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -80,10 +81,10 @@ class Parameter:
         elif self.type is bool:
             ok = isinstance(value, bool)
             want = "true or false"
-        elif self.type is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif self.type is float:  # NaN/inf would only surface as a NaN tensor after the inputs are read
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             value = float(value) if ok else value
-            want = "a number"
+            want = "a finite number"
         elif self.type is int:
             ok = isinstance(value, int) and not isinstance(value, bool)
             want = "an integer"

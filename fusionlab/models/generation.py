@@ -67,11 +67,35 @@ def needs_special_tokens(tokenizer, prompt: str) -> bool:
     return not (bos and prompt.startswith(bos))
 
 
+def check_logits(logits: torch.Tensor, model: torch.nn.Module) -> None:
+    """Refuse next-token logits (..., V) holding NaN or +inf, or all -inf: greedy decoding would emit token 0 as
+    if it were an answer and sampling would fail inside torch. One reduction per step (a max keeps NaN); the
+    weights were checked at load, so this catches activations that overflow (float16) or a broken model."""
+    if not bool(torch.isfinite(logits.amax(dim=-1)).all()):
+        name = getattr(model, "name_or_path", "") or type(model).__name__
+        raise FusionlabError(f"Model {name!r} produced NaN or inf next-token logits while generating: its "
+                             "activations overflowed or the model is broken. Run it in float32 or bfloat16 "
+                             "(model.dtype=float32) rather than float16, or check the checkpoint.")
+
+
+class _FiniteLogits:
+    """A ``generate`` logits processor: :func:`check_logits` on every step's scores (before temperature/top_p)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        check_logits(scores, self.model)
+        return scores
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 8,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
              stop: list[str] | None = None, seed: int | None = None, progress: bool = True) -> GenerationResult:
     """Generate a continuation for every prompt, ``batch_size`` prompts per ``model.generate`` call."""
+    from transformers import LogitsProcessorList
+
     stop = [s for s in (stop or []) if s]
     device = next(model.parameters()).device
     old_side = tokenizer.padding_side
@@ -89,7 +113,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, ba
             batch = tokenizer(chunk, return_tensors="pt", padding=True,
                               add_special_tokens=needs_special_tokens(tokenizer, chunk[0])).to(device)
             kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample,
-                          pad_token_id=tokenizer.pad_token_id, use_cache=True)
+                          pad_token_id=tokenizer.pad_token_id, use_cache=True,
+                          logits_processor=LogitsProcessorList([_FiniteLogits(model)]))
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
             else:

@@ -155,8 +155,30 @@ def build_random_model(config: dict[str, Any], seed: int = 0, vocab_size: int | 
         return AutoModelForCausalLM.from_config(cfg)
 
 
+def is_finite(t: torch.Tensor) -> bool:
+    """No NaN/inf in ``t``. One reduction; the exact elementwise check only when the sum is not finite."""
+    if not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def non_finite_tensor(tensor: str, model: str) -> FusionlabError:
+    """The one message for a weight tensor holding NaN or inf, whoever read it (a loaded model, a streamed merge)."""
+    return FusionlabError(f"Tensor {tensor!r} of {model} contains NaN or inf, so everything computed from it would be "
+                          "NaN or garbage; the checkpoint is broken (e.g. a diverged fine-tune or an overflowing "
+                          "conversion): re-save it from a good copy, or use another checkpoint.")
+
+
+def check_finite_weights(model: torch.nn.Module, label: str) -> None:
+    """Refuse a model with a NaN/inf parameter at load, before it generates text or metrics from it (one reduction
+    per tensor; a broken weight would otherwise decode as token 0 and score as a plain wrong answer)."""
+    for name, param in model.named_parameters():
+        if not is_finite(param.detach()):
+            raise non_finite_tensor(name, label)
+
+
 def load_model(spec: ModelSpec | Mapping[str, Any]):
-    """Load ``(model, tokenizer)`` for a spec; the model is in eval mode on ``spec.device``."""
+    """Load ``(model, tokenizer)`` for a spec; the model is in eval mode on ``spec.device``, its weights finite."""
     from transformers import AutoModelForCausalLM
 
     if not isinstance(spec, ModelSpec):
@@ -167,13 +189,18 @@ def load_model(spec: ModelSpec | Mapping[str, Any]):
     if spec.source == "random":
         model = build_random_model(spec.config, seed=spec.seed, vocab_size=len(tokenizer))
         model.to(dtype)
+        label = f"random model {spec.name!r}"
     else:
         location, kwargs = checkpoint_location(spec)
         try:
             model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
         except (OSError, ValueError) as e:  # no weights, no network, an unknown model_type
             raise _load_error("weights", spec, location, e) from e
+        notes = [n for n in (location if location != spec.name else "",
+                             f"loaded as {spec.dtype}" if spec.dtype != "float32" else "") if n]
+        label = f"model {spec.name!r}" + (f" ({', '.join(notes)})" if notes else "")
     model.to(device).eval()
+    check_finite_weights(model, label)
     if tokenizer is not None and model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
