@@ -183,6 +183,28 @@ def override_on_null_message(err: AssertionError) -> str | None:
             "conf/ lists the options).")
 
 
+DICT_FOR_TYPED_ENTRY = re.compile(r"Error merging override \+?(?P<key>[\w.]+)=.*?Invalid type assigned: dict is not a "
+                                  r"subclass of (?P<type>\w+)\..*?full_key: (?P<entry>[\w.]+)", re.S)
+
+
+def typed_entry_literal_message(text: str) -> str | None:
+    """OmegaConf refuses a ``{...}`` literal or a dotted key as a NEW entry of a dict of typed nodes
+    (``+ensemble.aux.x={source: hf, path: ...}``): say how such an entry is added instead."""
+    match = DICT_FOR_TYPED_ENTRY.search(text)
+    if match is None:
+        return None
+    parts, name, kind = match["key"].split("."), match["entry"].split(".")[-1], match["type"]
+    node = ".".join(parts[:parts.index(name) + 1]) if name in parts else match["key"]
+    if kind == "ModelSpec":
+        fix = (f"add it from the model group, then set its fields: +model@{node}=hf {node}.path=<dir or hub id> "
+               f"(or +model@{node}=<a conf/model name>, e.g. gemma3_270m)")
+    else:
+        fix = ("write the entry in an experiment YAML (conf/experiment/; e.g. the derive: section of chat_vector.yaml) "
+               "and run that experiment")
+    return (f"{node}: a new {kind} entry cannot be given as a {{...}} literal or a dotted key on the command line "
+            f"(OmegaConf refuses a dict for a typed {kind}); {fix}.")
+
+
 def config_error_message(err: BaseException) -> str:
     """One paragraph from an OmegaConf/Hydra composition error: what is wrong, with which key, and the fix."""
     causes = []
@@ -190,6 +212,9 @@ def config_error_message(err: BaseException) -> str:
     while e is not None and len(causes) < 5:
         causes.append(e)
         e = e.__cause__ or e.__context__
+    literal = typed_entry_literal_message(" ".join(str(c) for c in causes))
+    if literal is not None:
+        return literal
     parts = []
     for c in causes:
         text = str(c).strip()

@@ -85,7 +85,9 @@ class DistillConfig:
     pairwise_source: str | None = None  # FuseChat pairwise with several sources: candidates = pivot + this one
     batch_size: int = 2
     num_workers: int = 0
-    lora: dict[str, Any] | None = None  # peft LoraConfig kwargs, e.g. {r: 8, lora_alpha: 16, target_modules: [q_proj]}
+    # peft LoraConfig kwargs, e.g. {r: 8, lora_alpha: 16, target_modules: [q_proj]}; empty (or null): full fine-tune.
+    # An empty dict, not None, by default: OmegaConf cannot merge a {...} override into a None node.
+    lora: dict[str, Any] | None = field(default_factory=dict)
     gradient_checkpointing: bool = False
     resume: str | None = "auto"  # auto: <output_dir>/checkpoints/last.ckpt if present | false | a .ckpt path
     export_model: bool = True  # save_pretrained the trained pivot to <output_dir>/model

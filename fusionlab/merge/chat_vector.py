@@ -189,7 +189,9 @@ class ChatVectorConfig:
     cp: str  # its continual pre-training
     ratio: Any = 1.0  # a number, or a list with one ratio per chat model
     skip_embed: bool = False  # leave embeddings and lm_head alone (vocabularies differ)
-    special_tokens_map: dict[int, int] | None = None  # {cp_token_id: chat_token_id}: rows from the chat model
+    # {cp_token_id: chat_token_id}: rows from the chat model (empty by default, not None: OmegaConf cannot merge
+    # a {...} override into a None node)
+    special_tokens_map: dict[int, int] | None = field(default_factory=dict)
     tokenizer_source: str = "cp"  # cp | chat (the chat model's template and special tokens)
     dtype: str = "auto"  # output dtype; auto = the cp model's
     output: str | None = None  # default: <run dir>/merged

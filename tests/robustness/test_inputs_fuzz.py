@@ -176,6 +176,9 @@ CLI_CASES = [
     # a key under a node the experiment sets to null (Hydra asserts instead of raising)
     (["+experiment=eva_addsub", "trainer.val_check_interval=0.5"], "sets trainer to null"),
     (["+experiment=eva_addsub", "+trainer.strategy.x=1"], "+trainer.strategy.x=1"),
+    # a new typed entry as a {...} literal (OmegaConf refuses a dict for a ModelSpec): say how to add one
+    (["+experiment=eva_addsub", "+ensemble.aux.internlm={source: hf, path: /ckpt/x}"],
+     "+model@ensemble.aux.internlm=hf ensemble.aux.internlm.path="),
     # an output dir that cannot be created (under /proc nothing can be, even as root)
     (["+experiment=eva_addsub", "paths.output_dir=/proc/fusionlab_no"], "paths.output_dir='/proc/fusionlab_no'"),
 ]
