@@ -6,11 +6,12 @@ run id stored in its output dir (``resume="allow"``), so a re-run or resumed job
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from fusionlab.errors import FusionlabError
 
@@ -36,6 +37,34 @@ def wandb_mode(mode: str | None) -> str:
     return mode
 
 
+def wandb_start_error(err: BaseException, mode: str) -> FusionlabError | None:
+    """W&B's own failure to start a run (no network, no API key, a bad WANDB_MODE) as one fusionlab error, else None."""
+    import wandb
+
+    env_mode = os.environ.get("WANDB_MODE")
+    if type(err).__name__ == "ValidationError" and env_mode is not None and "mode" in str(err):  # wandb's pydantic
+        return FusionlabError(f"the environment variable WANDB_MODE={env_mode!r} is not a W&B mode; unset it or set "
+                              "it to online, offline or disabled (fusionlab sets each run's mode: logger.wandb.mode).")
+    if isinstance(err, wandb.errors.Error):
+        reason = " ".join(str(err).split())[:300].rstrip(".")
+        return FusionlabError(f"W&B could not start the run (mode={mode}): {reason}. Without network or an API key "
+                              "use logger.wandb.mode=offline (sync later with `wandb sync <run dir>/wandb`), or "
+                              "logger=csv / logger=none.")
+    return None
+
+
+@contextlib.contextmanager
+def starting_wandb(mode: str) -> Iterator[None]:
+    """Run ``wandb.init`` (or what calls it) with W&B's start-up failures turned into :func:`wandb_start_error`."""
+    try:
+        yield
+    except Exception as err:
+        failure = wandb_start_error(err, mode)
+        if failure is None:
+            raise
+        raise failure from None
+
+
 class Tracker:
     """Log scalars, tables and images of one job to W&B and ``<output_dir>/log.csv``."""
 
@@ -51,9 +80,11 @@ class Tracker:
         if use_wandb:
             import wandb
 
-            self.run = wandb.init(project=project, dir=str(self.output_dir), mode=wandb_mode(mode), group=group,
-                                  name=name, tags=list(tags), job_type=job_type, config=config or {},
-                                  id=id, resume=resume, reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
+            mode = wandb_mode(mode)
+            with starting_wandb(mode):
+                self.run = wandb.init(project=project, dir=str(self.output_dir), mode=mode, group=group, name=name,
+                                      tags=list(tags), job_type=job_type, config=config or {}, id=id, resume=resume,
+                                      reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool)) or v is None}

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from fusionlab.errors import FusionlabError
 from fusionlab.io import atomic_write_text, read_json, write_json
 from fusionlab.models import ModelSpec
-from fusionlab.tracking import Tracker, is_multirun, sweep_group_name, wandb_mode
+from fusionlab.tracking import Tracker, is_multirun, starting_wandb, sweep_group_name, wandb_mode
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,11 @@ def lightning_loggers(cfg: DictConfig, output_dir: Path) -> list:
             node.update(_wandb_run(cfg, output_dir, node))
         # A plain call, not hydra's recursive instantiate: W&B's ``config`` holds the job's own
         # ``_target_`` nodes (trainer, optimizer ...), which must be logged as config, not built.
-        loggers.append(get_class(node.pop("_target_"))(**node))
+        logger = get_class(node.pop("_target_"))(**node)
+        if key == "wandb":  # start the run now, not at the fit's first log, after the expensive preparation
+            with starting_wandb(node["mode"]):
+                logger.experiment
+        loggers.append(logger)
     return loggers
 
 

@@ -179,6 +179,8 @@ CLI_CASES = [
     # a new typed entry as a {...} literal (OmegaConf refuses a dict for a ModelSpec): say how to add one
     (["+experiment=eva_addsub", "+ensemble.aux.internlm={source: hf, path: /ckpt/x}"],
      "+model@ensemble.aux.internlm=hf ensemble.aux.internlm.path="),
+    # W&B online without an API key (tests never have one): named before the job's work, with the offline way out
+    (["+experiment=eval_addsub", "logger.wandb.mode=online"], "logger.wandb.mode=offline"),
     # an output dir that cannot be created (under /proc nothing can be, even as root)
     (["+experiment=eva_addsub", "paths.output_dir=/proc/fusionlab_no"], "paths.output_dir='/proc/fusionlab_no'"),
 ]
@@ -192,7 +194,8 @@ def test_cli_refuses_bad_input_in_one_paragraph(tmp_path, args, needle):
     assert proc.stderr.startswith("fusionlab: error: ") and needle in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0, "one paragraph"
-    written = sorted(p.name for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts) if run_dir.exists() else []
+    state = {".hydra", ".fusionlab"}  # Hydra's record of the run, fusionlab's run state (the W&B run id)
+    written = sorted(p.name for p in run_dir.rglob("*") if p.is_file() and not state & set(p.parts)) if run_dir.exists() else []
     assert written in ([], ["metrics.json"], ["run.log"], ["metrics.json", "run.log"]), \
         f"nothing but the failure record (and the run's log) is written: {written}"
 
@@ -411,3 +414,13 @@ def test_ctrl_c_ends_with_one_note_and_an_interrupted_record(tmp_path):
     assert json.loads((run_dir / "metrics.json").read_text()) == {"job": "evaluate", "status": "interrupted",
                                                                   "error": "KeyboardInterrupt"}
     assert not (run_dir / "predictions.jsonl").exists()
+
+
+def test_a_bad_wandb_mode_in_the_environment_is_named(tmp_path):
+    """WANDB_MODE=bogus made W&B's settings model raise a pydantic ValidationError traceback."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "bogus"}
+    proc = subprocess.run([sys.executable, "-m", "fusionlab.run", "+experiment=eval_addsub", "task.limit=1",
+                           f"hydra.run.dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "WANDB_MODE='bogus'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "predictions.jsonl").exists()
