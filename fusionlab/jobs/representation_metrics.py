@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from fusionlab.errors import FusionlabError
 from fusionlab.io import write_jsonl
 from fusionlab.jobs._common import make_tracker
 from fusionlab.metrics.suite import MetricConfig, evaluate_model, plot_metrics
@@ -30,7 +31,16 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     settings = OmegaConf.to_object(cfg.metric) if cfg.get("metric") is not None else MetricConfig()
     texts = load_text_set(settings.texts, field=settings.text_field, stop=settings.limit)
-    specs = OmegaConf.to_object(cfg.models) if cfg.get("models") else {cfg.model.name: OmegaConf.to_object(cfg.model)}
+    if cfg.get("models"):
+        specs = OmegaConf.to_object(cfg.models)
+    else:  # the spec's own name: a null model.name (model=hf) becomes its path there
+        spec = OmegaConf.to_object(cfg.model)
+        specs = {spec.name: spec}
+    objective = cfg.get("objective")
+    if objective and "/" in objective and objective.split("/")[0] not in specs:  # before any model loads
+        raise FusionlabError(f"objective={objective!r} names model {objective.split('/')[0]!r}, which this run does "
+                             f"not score (its models: {sorted(specs)}); set objective=<model>/<metric> for one of "
+                             "them, or objective=null.")
     metrics: dict[str, Any] = {"n_models": len(specs)}
     rows: list[dict[str, Any]] = []
     with make_tracker(cfg, output_dir) as tracker:

@@ -179,6 +179,8 @@ CLI_CASES = [
     # a new typed entry as a {...} literal (OmegaConf refuses a dict for a ModelSpec): say how to add one
     (["+experiment=eva_addsub", "+ensemble.aux.internlm={source: hf, path: /ckpt/x}"],
      "+model@ensemble.aux.internlm=hf ensemble.aux.internlm.path="),
+    # an objective naming a model the run does not score (was found only after every model ran)
+    (["+experiment=diff_erank", "models=null", "model=gemma3_270m"], "names model 'smollm2_135m'"),
     # W&B online without an API key (tests never have one): named before the job's work, with the offline way out
     (["+experiment=eval_addsub", "logger.wandb.mode=online"], "logger.wandb.mode=offline"),
     # an output dir that cannot be created (under /proc nothing can be, even as root)
