@@ -256,9 +256,9 @@ def cli() -> None:
         if full_errors == "1":
             raise
         where = f" in {_INTERRUPTED_IN[0]}" if _INTERRUPTED_IN else ""
-        print(f"\nfusionlab: interrupted{where}: the job stopped before its end and wrote no final output (its "
-              "metrics.json says interrupted). Run the same command again: it starts over (a distill fit resumes "
-              "from its last checkpoint; caches already built are reused).", file=sys.stderr)
+        print(f"\nfusionlab: interrupted{where}: the job stopped before its end (its metrics.json says interrupted; "
+              "files it had finished stay, none is half-written). Run the same command again: it starts over (a "
+              "distill fit resumes from its last checkpoint; caches already built are reused).", file=sys.stderr)
         sys.exit(130)
     except (HydraException, OmegaConfBaseException) as err:
         if full_errors == "1":
