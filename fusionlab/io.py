@@ -172,6 +172,20 @@ def check_output_path(path: str | os.PathLike, overwrite: bool = False, *, owned
     return path
 
 
+def check_not_an_input(path: str | os.PathLike, inputs: Iterable[tuple[str, str | os.PathLike]],
+                       key: str = "the output path") -> None:
+    """Refuse an output that is one of the job's inputs or holds one: replacing it (overwrite=true, a marker from an
+    earlier fusionlab run) would delete the input the job reads — e.g. a merge written over one of its models."""
+    out = Path(path).expanduser().resolve()
+    for label, where in inputs:
+        source = Path(where).expanduser().resolve()
+        if source == out or out in source.parents:
+            what = "is" if source == out else "holds"
+            where_ = "" if str(source) in label else f" ({str(source)!r})"
+            raise FusionlabError(f"{key} {str(path)!r} {what} the {label}{where_}, which this job reads: writing "
+                                 "there would replace its input. Choose another output path.")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False, *, owned: bool = False) -> Iterator[Path]:
     """Yield a temp directory beside ``path``; rename it to ``path`` only if the block succeeds.

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import torch
 
 from fusionlab.errors import FusionlabError
-from fusionlab.io import atomic_dir
+from fusionlab.io import atomic_dir, check_not_an_input
 from fusionlab.merge.config import build
 from fusionlab.merge.derive import DeriveSpec, PerplexityEval
 from fusionlab.merge.io import CheckpointReader, ShardWriter, copy_aux_files, is_embedding, parse_size
@@ -51,6 +51,7 @@ def extract(base: str, chat: str, output: str | Path, skip_embed: bool = False, 
     """Write τ = chat − base as safetensors (plus the chat model's embedding rows, config and tokenizer)."""
     rb = CheckpointReader(resolve_checkpoint(base), f"base model {base!r}")
     rc = CheckpointReader(resolve_checkpoint(chat), f"chat model {chat!r}")
+    check_not_an_input(output, [(rb.label, rb.dir), (rc.label, rc.dir)], key="the chat vector output")
     for key in ("model_type", "architectures"):
         if rb.config.get(key) != rc.config.get(key):
             raise FusionlabError(f"Architecture mismatch: base has {key}={rb.config.get(key)!r}, chat has "
@@ -106,6 +107,7 @@ def add(cp: str, vectors: list[str], ratios: list[float] | float, output: str | 
         raise FusionlabError(f"tokenizer_source must be one of {list(TOKENIZER_SOURCES)}, got {tokenizer_source!r}.")
     rp = CheckpointReader(resolve_checkpoint(cp), f"cp model {cp!r}")
     cvs = [CheckpointReader(Path(v).expanduser(), f"chat vector {v!r}") for v in vectors]
+    check_not_an_input(output, [(r.label, r.dir) for r in (rp, *cvs)], key="the chat-vector model output")
     smap = {int(k): int(v) for k, v in (special_tokens_map or {}).items()}
 
     plan = []

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from fusionlab.errors import FusionlabError
-from fusionlab.io import atomic_dir
+from fusionlab.io import atomic_dir, check_not_an_input
 from fusionlab.merge import params as P
 from fusionlab.merge.config import MergeConfig
 from fusionlab.merge.fast.memory import reuse_freed_memory
@@ -308,6 +308,8 @@ def plan(cfg: MergeConfig, derived: Mapping[str, str | Path] | None = None) -> M
     else:
         tok_dir = resolve_checkpoint(src, derived)
         tok_dir = tok_dir if tok_dir.is_dir() else tok_dir.parent
+    check_not_an_input(cfg.output, [*((i.label, i.reader.dir) for i in inputs), ("tokenizer source", tok_dir)],
+                       key="merge.output")
     return MergePlan(method, inputs, tensors, resolve_device(cfg.device, "merge.device"), tok_dir, config_overrides,
                      vocabulary)
 

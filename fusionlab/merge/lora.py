@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from fusionlab.errors import FusionlabError
-from fusionlab.io import atomic_dir, check_output_path, read_json_object
+from fusionlab.io import atomic_dir, check_not_an_input, check_output_path, read_json_object
 from fusionlab.merge.io import AUX_FILES, CheckpointReader, ShardWriter, is_embedding
 from fusionlab.merge.derive import DeriveSpec, PerplexityEval
 from fusionlab.models.resolve import DERIVED_PREFIX, resolve_checkpoint, torch_dtype
@@ -63,6 +63,7 @@ def extract_lora(base: str | Path, finetuned: str | Path, output: str | Path, ra
     check_output_path(output, overwrite, key="extract_lora.output")
     rb = CheckpointReader(resolve_checkpoint(str(base), derived), f"base model {str(base)!r}")
     rf = CheckpointReader(resolve_checkpoint(str(finetuned), derived), f"fine-tuned model {str(finetuned)!r}")
+    check_not_an_input(output, [(rb.label, rb.dir), (rf.label, rf.dir)], key="extract_lora.output")
     targets = lora_targets(rf, modules)
     if not targets:
         raise FusionlabError(f"No linear layer of {rf.label} matches modules={modules!r}; name module suffixes such "

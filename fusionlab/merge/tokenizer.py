@@ -842,7 +842,7 @@ def transplant(model: str | Path, tokenizer_source: str, output: str | Path, *, 
     ``head_fill="mean"`` unties the head: the output rows of the tokens the model lacks are the mean of its
     output rows that the new vocabulary keeps, while the input rows follow ``fill``; a tied model gets an
     ``lm_head.weight`` of its own and ``tie_word_embeddings: false``."""
-    from fusionlab.io import atomic_dir, check_output_path
+    from fusionlab.io import atomic_dir, check_not_an_input, check_output_path
     from fusionlab.merge.io import ST_DTYPES, ShardWriter, copy_aux_files
     from fusionlab.models.resolve import resolve_checkpoint, torch_dtype
 
@@ -857,6 +857,7 @@ def transplant(model: str | Path, tokenizer_source: str, output: str | Path, *, 
     tc = TokenizerConfig(source=tokenizer_source, fill=fill, omp_k=omp_k)
     out_dtype = None if dtype == "auto" else torch_dtype(dtype, "tokensurgeon.dtype")
     inp = _Input(f"model {str(model)!r}", CheckpointReader(resolve_checkpoint(str(model), derived), f"model {model!r}"))
+    check_not_an_input(output, [(inp.label, inp.reader.dir)], key="tokensurgeon.output")
     vocabulary = plan_vocabulary(tc, [inp], derived)
     r = inp.reader
     entries = []

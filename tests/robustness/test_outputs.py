@@ -68,6 +68,42 @@ def test_merge_output_checked_when_the_config_is_built(tmp_path):
         MergeConfig(method="linear", models=["a", "b"], output=str(existing), overwrite=True)
 
 
+def test_a_merge_written_over_one_of_its_inputs_is_refused_and_the_input_kept(tmp_path):
+    """A previous merge (fusionlab's marker) given as an input and as the output with overwrite=true: the atomic
+    rename would have replaced the model the merge reads. Refused at plan time; its files unchanged."""
+    from fusionlab.merge import MergeConfig, merge
+    from tests.merge.conftest import tiny_state, write_model
+
+    for seed in (0, 1):
+        write_model(tmp_path / f"m{seed}", tiny_state(seed))
+    first = tmp_path / "merged"
+    merge(MergeConfig(method="linear", models=[str(tmp_path / "m0"), str(tmp_path / "m1")],
+                      parameters={"weight": 0.5}, output=str(first), progress=False))
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    again = MergeConfig(method="linear", models=[str(first), str(tmp_path / "m1")], parameters={"weight": 0.5},
+                        output=str(first), overwrite=True, progress=False)
+    with pytest.raises(FusionlabError, match=r"merge.output .* is the model .*merged.*, which this job reads"):
+        merge(again)
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+
+
+@pytest.mark.parametrize("output,inputs,needle", [
+    ("a", {"model": "a"}, "is the model"),
+    ("", {"model": "a/b"}, "holds the model"),  # replacing the parent would delete the input inside it
+    ("a/merged", {"model": "a"}, None),  # an output inside a model dir replaces nothing of it
+    ("b", {"model": "a"}, None),
+])
+def test_check_not_an_input(tmp_path, output, inputs, needle):
+    from fusionlab.io import check_not_an_input
+
+    labelled = [(label, tmp_path / path) for label, path in inputs.items()]
+    if needle is None:
+        check_not_an_input(tmp_path / output, labelled)
+    else:
+        with pytest.raises(FusionlabError, match=needle):
+            check_not_an_input(tmp_path / output, labelled)
+
+
 def test_outputs_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
