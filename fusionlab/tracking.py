@@ -48,8 +48,8 @@ def wandb_start_error(err: BaseException, mode: str) -> FusionlabError | None:
     if isinstance(err, wandb.errors.Error):
         reason = " ".join(str(err).split())[:300].rstrip(".")
         return FusionlabError(f"W&B could not start the run (mode={mode}): {reason}. Without network or an API key "
-                              "use logger.wandb.mode=offline (sync later with `wandb sync <run dir>/wandb`), or "
-                              "logger=csv / logger=none.")
+                              "run offline — logger.wandb.mode=offline for a job (or logger=csv / logger=none), "
+                              "--wandb-mode offline for the report — and sync later with `wandb sync <dir>/wandb`.")
     return None
 
 

@@ -76,7 +76,11 @@ def build_report(dirs: list[str | os.PathLike], out_dir: str | os.PathLike | Non
     if metric in columns:  # the metric right after the overrides, where a reader looks first
         columns.remove(metric)
         columns.insert(max([columns.index(k) for k in overrides if k in columns], default=2) + 1, metric)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FusionlabError(f"the report's output dir {str(out_dir)!r} cannot be created ({err.strerror}); pass "
+                             "--out with a directory you can write to.") from None
     report = Report(out_dir=out_dir, runs=runs, rows=rows, columns=columns, metric=metric)
 
     swept = varying_overrides(runs)

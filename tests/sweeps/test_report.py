@@ -123,3 +123,11 @@ def test_errors_name_the_dir_and_the_fix(tmp_path, capsys):
     assert report_main([str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fusionlab.report: error: ") and "missing" in err and "Traceback" not in err
+
+
+def test_an_output_dir_that_cannot_be_created_is_named(tmp_path, capsys):
+    """--out under /proc (nothing can be created there, even as root) was a FileNotFoundError traceback."""
+    make_run(tmp_path / "r", [], {"job": "evaluate", "accuracy": 1.0, "status": "ok"})
+    assert report_main([str(tmp_path / "r"), "--out", "/proc/fusionlab_no/report"]) == 2
+    err = capsys.readouterr().err
+    assert "'/proc/fusionlab_no/report' cannot be created" in err and "--out" in err
