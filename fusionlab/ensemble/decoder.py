@@ -27,7 +27,7 @@ from fusionlab.ensemble.config import DecodingOptions
 from fusionlab.ensemble.gates import GATES, needs_members
 from fusionlab.ensemble.sync import TextSync
 from fusionlab.errors import FusionlabError
-from fusionlab.models.generation import check_logits
+from fusionlab.models.generation import check_context, check_logits
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -364,6 +364,8 @@ class EvaDecoder:
         members = [self.main, *self.aux]
         streams = [_Stream(m, t, [encode_prompt(t, p) for p in ps], opts.use_cache, own_cuda_stream=pool is not None)
                    for (m, t), ps in zip(members, prompts)]
+        for s in streams:  # every member reads the whole answer too (an aux in its own tokens: about as many)
+            check_context(s.model, max((len(q) for q in s.seqs), default=0), max_new_tokens)
         syncs = [[None if self.passthrough[i] else TextSync(t, opts.window) for _ in range(batch)]
                  for i, (_, t) in enumerate(self.aux)]
         # a gate that reads only the main model decides before any aux distribution is needed: with parallel

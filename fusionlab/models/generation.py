@@ -78,6 +78,21 @@ def check_logits(logits: torch.Tensor, model: torch.nn.Module) -> None:
                              "(model.dtype=float32) rather than float16, or check the checkpoint.")
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length")  # how HF configs name it
+
+
+def check_context(model: torch.nn.Module, prompt_tokens: int, max_new_tokens: int, label: str = "") -> None:
+    """Refuse a generation that cannot fit the model's context: past it, learned position embeddings fail with an
+    index error mid-run and rotary ones decode positions they never saw. Checked before the first step."""
+    config = getattr(model, "config", None)
+    limit = next((getattr(config, k) for k in CONTEXT_KEYS if isinstance(getattr(config, k, None), int)), None)
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        name = label or getattr(model, "name_or_path", "") or type(model).__name__
+        raise FusionlabError(f"Model {name!r}: the longest prompt ({prompt_tokens} tokens) plus max_new_tokens="
+                             f"{max_new_tokens} is {prompt_tokens + max_new_tokens} tokens, past its context of {limit}; "
+                             "lower generation.max_new_tokens (or task.n_shot for shorter prompts).")
+
+
 class _FiniteLogits:
     """A ``generate`` logits processor: :func:`check_logits` on every step's scores (before temperature/top_p)."""
 
@@ -104,6 +119,10 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 128, ba
     counts: list[int] = []
     eos_ids = model.generation_config.eos_token_id
     eos_ids = set(eos_ids if isinstance(eos_ids, list) else [eos_ids]) - {None}
+    if prompts:
+        longest = max(len(tokenizer(p, add_special_tokens=needs_special_tokens(tokenizer, p))["input_ids"])
+                      for p in prompts)
+        check_context(model, longest, max_new_tokens)
     if seed is not None:
         torch.manual_seed(seed)
     start = time.perf_counter()

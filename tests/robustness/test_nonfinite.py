@@ -218,3 +218,18 @@ def test_cli_refuses_a_model_with_a_nan_weight(models, tmp_path, experiment, ove
     args = [o.format(path=models["nan"], ok=models["ok"]) for o in overrides]
     proc = fusionlab_run([f"+experiment={experiment}", *args, "logger=csv"], tmp_path / "run")
     _assert_refused(proc, tmp_path / "run", NAN_TENSOR, str(models["nan"]), "NaN or inf")
+
+
+def test_generation_past_the_context_is_refused_before_the_first_step(models):
+    """prompt + max_new_tokens past max_position_embeddings (512 here): learned positions fail mid-run with an index
+    error, rotary ones decode positions never trained; refused up front, in both decoders."""
+    from fusionlab.ensemble import EvaDecoder
+    from fusionlab.models import load_model
+    from fusionlab.models.generation import generate
+
+    model, tok = load_model({"name": "ok", "source": "hf", "path": str(models["ok"])})
+    with pytest.raises(FusionlabError, match=r"plus max_new_tokens=600 is 60\d tokens, past its context of 512"):
+        generate(model, tok, ["1 + 1 ="], max_new_tokens=600, progress=False)
+    with pytest.raises(FusionlabError, match=r"past its context of 512"):
+        EvaDecoder((model, tok), topk=5).generate(["1 + 1 ="], max_new_tokens=600)
+    assert len(generate(model, tok, ["1 + 1 ="], max_new_tokens=3, progress=False).texts) == 1
