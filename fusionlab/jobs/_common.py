@@ -63,6 +63,15 @@ def multirun_sweep_dir() -> Path | None:
     return Path(str(hydra.sweep.dir)) if is_multirun(hydra) else None
 
 
+def check_perplexity_objective(cfg: DictConfig, evaluation: Any, key: str) -> None:
+    """An objective on perplexity (``ppl…``) needs the job's text-set evaluation: say so before the merge or
+    extraction runs, not when metrics.json lacks the number."""
+    objective = cfg.get("objective")
+    if objective and str(objective).startswith("ppl") and evaluation is None:
+        raise FusionlabError(f"objective={objective!r} is a perplexity, but {key}=null scores none; give {key} text "
+                             "sets, or set objective=null (or to another number the job writes).")
+
+
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:
     """The whole resolved config of a job as plain Python (Hydra's own node is not ours to log)."""
     return {k: to_dict(v) for k, v in cfg.items() if k != "hydra"}

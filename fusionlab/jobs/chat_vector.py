@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from fusionlab.jobs._common import job_node, make_tracker
+from fusionlab.jobs._common import check_perplexity_objective, job_node, make_tracker
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -20,7 +20,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     from fusionlab.merge.derive import derive_models, label_of
 
     cv = job_node(cfg, "chat_vector", " (base, chat, cp)", "+experiment=chat_vector").for_run(output_dir)
-    derived = derive_models(cv.derive, cv.base)
+    check_perplexity_objective(cfg, cv.eval, "chat_vector.eval")
+    derived = derive_models(cv.derive, cv.base, used=cv.models().values())
     metrics = transfer(cv, derived)
     with make_tracker(cfg, output_dir) as tr:
         if cv.eval is not None:

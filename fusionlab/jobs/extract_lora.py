@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from fusionlab.jobs._common import job_node, log_numbers, make_tracker
+from fusionlab.jobs._common import check_perplexity_objective, job_node, log_numbers, make_tracker
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -22,7 +22,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
     ec = job_node(cfg, "extract_lora", " (base, finetuned, rank)", "+experiment=extract_lora")
     output = ec.output or str(output_dir / "lora")
-    derived = derive_models(ec.derive, ec.base)
+    check_perplexity_objective(cfg, ec.eval, "extract_lora.eval")
+    derived = derive_models(ec.derive, ec.base, used=[ec.base, ec.finetuned])
     metrics = extract_lora(ec.base, ec.finetuned, output, ec.rank, modules=ec.modules, dtype=ec.dtype,
                            overwrite=ec.overwrite, derived=derived)
     with make_tracker(cfg, output_dir) as tr:

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from fusionlab.jobs._common import job_node, log_numbers, make_tracker
+from fusionlab.jobs._common import check_perplexity_objective, job_node, log_numbers, make_tracker
 
 
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
@@ -22,7 +22,8 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
 
     mc = job_node(cfg, "merge", "", "+experiment=merge (or sce_merge), e.g. +experiment=merge "
                   "merge.mergekit_config=path.yml").for_run(output_dir / "merged", cfg.get("seed"))
-    derived = derive_models(mc.derive, mc.reference)
+    check_perplexity_objective(cfg, mc.eval, "merge.eval")
+    derived = derive_models(mc.derive, mc.reference, used=mc.model_refs)
     planned = plan(mc, derived)  # every config error surfaces here, before a tracker or any output exists
     with make_tracker(cfg, output_dir) as tr:
         metrics: dict[str, Any] = {"merge_method": mc.method, **merge(mc, planned)}

@@ -134,12 +134,17 @@ class MergeConfig:
         self.tokenizer = build(TokenizerConfig, self.tokenizer, "merge.tokenizer") if self.tokenizer is not None else None
         check_source(self.tokenizer_source, "merge.tokenizer_source")
         tokenizer_config(self.tokenizer, self.tokenizer_source)  # not both
-        for ref in [self.base, source_model(self.tokenizer_source), *(m.model for m in self.models),
-                    *(s.model for sl in self.slices for s in sl.sources), *(sl.base for sl in self.slices)]:
+        for ref in self.model_refs:
             if ref and ref.startswith(DERIVED_PREFIX) and ref.removeprefix(DERIVED_PREFIX) not in self.derive:
                 raise FusionlabError(f"Model {ref!r} is not defined under merge.derive (defined: {sorted(self.derive)}).")
         if self.mergekit_config and not Path(self.mergekit_config).expanduser().is_file():
             raise FusionlabError(f"merge.mergekit_config={self.mergekit_config!r} does not exist; give a mergekit YAML.")
+
+    @property
+    def model_refs(self) -> list[str | None]:
+        """Every model reference the merge reads: base, tokenizer source, models, slice sources and bases."""
+        return [self.base, source_model(self.tokenizer_source), *(m.model for m in self.models),
+                *(s.model for sl in self.slices for s in sl.sources), *(sl.base for sl in self.slices)]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MergeConfig":

@@ -19,7 +19,7 @@ import json
 import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -116,17 +116,18 @@ def _key(*parts: Any) -> str:
 def finetune(base_dir: str | Path, texts: list[str], out_dir: str | Path, *, steps: int, lr: float, batch_size: int,
              max_length: int, seed: int) -> Path:
     """A short real fine-tune (AdamW, causal LM on ``texts``); written atomically with the tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from fusionlab.models import ModelSpec, load_model
 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists():
         return out_dir
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(base_dir)
+    # fusionlab's loader: an unloadable tokenizer or a NaN weight is named, not a transformers traceback
+    model, tok = load_model(ModelSpec(name=f"the base of {out_dir.name}", source="hf", path=str(base_dir),
+                                      dtype="float32", device="cpu"))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
@@ -162,11 +163,19 @@ def cached_finetune(base_dir: str | Path, spec: DeriveSpec, cache_root: Path) ->
     return finetune(base_dir, texts, cache_root / "merge_fixtures" / f"{spec.kind}-{key}", **kw)
 
 
-def derive_models(specs: Mapping[str, DeriveSpec], base: str | None) -> dict[str, str]:
+def derive_models(specs: Mapping[str, DeriveSpec], base: str | None,
+                  used: Iterable[str | None] | None = None) -> dict[str, str]:
     """Run (or reuse from the cache) the fine-tunes of ``base`` named in ``specs``; returns name → dir,
-    the ``derived`` map of :func:`fusionlab.models.resolve.resolve_checkpoint`."""
+    the ``derived`` map of :func:`fusionlab.models.resolve.resolve_checkpoint`. ``used``: the job's model
+    references; a spec none of them names (``derived:<name>``) is not trained — an experiment's default
+    fine-tune costs minutes a user who replaced that input never asked for."""
     from fusionlab.models.embedded import cache_dir
 
+    if used is not None:
+        wanted = {ref.removeprefix(DERIVED_PREFIX) for ref in used if ref and ref.startswith(DERIVED_PREFIX)}
+        for name in sorted(set(specs) - wanted):
+            log.info("derive entry %r is not used by any input: not trained", name)
+        specs = {name: spec for name, spec in specs.items() if name in wanted}
     if not specs:
         return {}
     if not base or base.startswith(DERIVED_PREFIX):

@@ -64,6 +64,9 @@ def extract_lora(base: str | Path, finetuned: str | Path, output: str | Path, ra
     rb = CheckpointReader(resolve_checkpoint(str(base), derived), f"base model {str(base)!r}")
     rf = CheckpointReader(resolve_checkpoint(str(finetuned), derived), f"fine-tuned model {str(finetuned)!r}")
     check_not_an_input(output, [(rb.label, rb.dir), (rf.label, rf.dir)], key="extract_lora.output")
+    if rb.path.resolve() == rf.path.resolve():
+        raise FusionlabError(f"extract_lora.finetuned and extract_lora.base are the same checkpoint ({rf.path}): every "
+                             "delta is zero, there is nothing to extract; give the fine-tuned model.")
     targets = lora_targets(rf, modules)
     if not targets:
         raise FusionlabError(f"No linear layer of {rf.label} matches modules={modules!r}; name module suffixes such "

@@ -159,3 +159,18 @@ def test_perplexity_excludes_padding(tiny_hf):
     table = perplexity_table({"tiny": tiny_hf}, {"a": texts, "b": texts[:1]}, batch_size=2)
     assert abs(table["ppl/a/tiny"] - want) < 1e-3 * want
     assert abs(table["ppl_mean/tiny"] - math.sqrt(table["ppl/a/tiny"] * table["ppl/b/tiny"])) < 1e-3
+
+
+def test_a_derive_entry_no_input_names_is_not_trained(tmp_path, monkeypatch, caplog):
+    """extract_lora / chat_vector / merge experiments ship a derive entry for their default input; a user who
+    replaces that input (extract_lora.finetuned=/my/ckpt) paid for the fine-tune anyway."""
+    import logging
+
+    from fusionlab.merge.derive import DeriveSpec, derive_models
+
+    monkeypatch.setenv("FUSIONLAB_CACHE", str(tmp_path / "cache"))
+    spec = DeriveSpec(kind="chat", stop=4, steps=1)
+    with caplog.at_level(logging.INFO, logger="fusionlab.merge.derive"):
+        assert derive_models({"chat": spec}, "smollm2_135m", used=["smollm2_135m", "/my/ckpt"]) == {}
+    assert "'chat' is not used by any input" in caplog.text
+    assert not (tmp_path / "cache" / "merge_fixtures").exists()

@@ -181,6 +181,11 @@ CLI_CASES = [
      "+model@ensemble.aux.internlm=hf ensemble.aux.internlm.path="),
     # an objective naming a model the run does not score (was found only after every model ran)
     (["+experiment=diff_erank", "models=null", "model=gemma3_270m"], "names model 'smollm2_135m'"),
+    # a perplexity objective with the evaluation switched off (was found after the extraction)
+    (["+experiment=extract_lora", "extract_lora.eval=null"], "objective='ppl_mean/lora' is a perplexity"),
+    # a LoRA of a model against itself (all deltas zero: errors read 0.0)
+    (["+experiment=extract_lora", "extract_lora.finetuned=smollm2_135m", "extract_lora.eval=null", "objective=null"],
+     "are the same checkpoint"),
     # W&B online without an API key (tests never have one): named before the job's work, with the offline way out
     (["+experiment=eval_addsub", "logger.wandb.mode=online"], "logger.wandb.mode=offline"),
     # an output dir that cannot be created (under /proc nothing can be, even as root)
