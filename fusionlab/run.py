@@ -280,6 +280,13 @@ def cli() -> None:
         print(f"fusionlab: error: cannot create the run directory {err.filename!r} ({err.strerror}); set "
               "paths.log_dir (or hydra.run.dir / hydra.sweep.dir) to a directory you can write to.", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as err:  # submitit's SLURM launcher off a cluster, before any job ran
+        if full_errors == "1" or "srun" not in str(err) or _raised_in_job(err):
+            raise
+        print("fusionlab: error: hydra/launcher=submitit_slurm needs a SLURM cluster, and this machine has no `srun`; "
+              "launch the sweep from the cluster's login node, or use hydra/launcher=submitit_local (or joblib, basic) "
+              "here.", file=sys.stderr)
+        sys.exit(2)
     except AssertionError as err:  # Hydra's assertion on an override under a null node
         message = override_on_null_message(err)
         if message is None or full_errors == "1":

@@ -431,3 +431,17 @@ def test_a_bad_wandb_mode_in_the_environment_is_named(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "WANDB_MODE='bogus'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "predictions.jsonl").exists()
+
+
+def test_the_slurm_launcher_off_a_cluster_is_one_paragraph(tmp_path):
+    """submitit raised RuntimeError('Could not detect "srun"') as a traceback before any job ran."""
+    import shutil
+
+    if shutil.which("srun"):
+        pytest.skip("this machine has SLURM")
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, "-m", "fusionlab.run", "-m", "hydra/launcher=submitit_slurm",
+                           "+experiment=eval_addsub", "task.limit=1,2", f"hydra.sweep.dir={tmp_path}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "submitit_slurm needs a SLURM cluster" in proc.stderr and "Traceback" not in proc.stderr
