@@ -74,6 +74,16 @@ class ContinueJobNumbers:
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         from omegaconf import open_dict, read_write
 
+        from fusionlab.targets import check_target_node
+
+        launcher = OmegaConf.to_container(config.hydra.launcher, resolve=True)
+        if isinstance(launcher, dict) and "_target_" in launcher:  # before the launcher starts any job
+            try:
+                check_target_node(launcher, "hydra.launcher")
+            except FusionlabError as err:  # Hydra turns a callback's exception into a warning: stop here instead
+                print(f"fusionlab: error: {err}", file=sys.stderr)
+                sys.exit(2)
+
         with read_write(config), open_dict(config):  # resolve it once in the sweep's config: the value is cached
             config["_fusionlab_first_job"] = "${fusionlab_first_job:${hydra.sweep.dir}}"
             first = int(config["_fusionlab_first_job"])

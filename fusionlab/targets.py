@@ -140,6 +140,7 @@ NON_NEGATIVE = Rule(lambda v: _number(v) and v >= 0, "a number >= 0")
 FRACTION = Rule(lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
 STEPS = Rule(lambda v: _integer(v) and (v >= 1 or v == -1), "an integer >= 1, or -1 for no limit")
 AT_LEAST_ONE = Rule(lambda v: _integer(v) and v >= 1, "an integer >= 1")
+OPTIONAL_AT_LEAST_ONE = Rule(lambda v: v is None or _integer(v) and v >= 1, "an integer >= 1, or null")
 BETAS = Rule(lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v),
              "two numbers in [0, 1), e.g. [0.9, 0.999]")
 
@@ -149,6 +150,8 @@ CHECKPOINTS = ("lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
                "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")
 WARMUP_COSINE = ("fusionlab.distill.module.warmup_cosine",)
 FSDP = ("lightning.pytorch.strategies.fsdp.FSDPStrategy",)
+JOBLIB = ("hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",)
+SUBMITIT = ("hydra_plugins.hydra_submitit_launcher.submitit_launcher.BaseSubmititLauncher",)
 
 # (qualified names of the target or one of its base classes, {key: rule}); only keys present are checked
 VALUE_RULES: list[tuple[tuple[str, ...], dict[str, Rule]]] = [
@@ -172,6 +175,13 @@ VALUE_RULES: list[tuple[tuple[str, ...], dict[str, Rule]]] = [
                                      "wrap.ModuleWrapPolicy)")}),
     (OPTIMIZERS, {"lr": POSITIVE, "weight_decay": NON_NEGATIVE, "betas": BETAS, "eps": POSITIVE}),
     (WARMUP_COSINE, {"warmup_ratio": FRACTION, "min_lr_ratio": FRACTION}),
+    # Hydra's launchers (hydra.launcher, checked when a multirun starts): joblib's n_jobs=0 and submitit's
+    # non-positive sizes fail inside the plugin as tracebacks, after the sweep began
+    (JOBLIB, {"n_jobs": Rule(lambda v: _integer(v) and v != 0, "an integer >= 1, or negative (-1: one job per core)")}),
+    (SUBMITIT, {"timeout_min": AT_LEAST_ONE, "nodes": OPTIONAL_AT_LEAST_ONE, "tasks_per_node": OPTIONAL_AT_LEAST_ONE,
+                "cpus_per_task": OPTIONAL_AT_LEAST_ONE, "array_parallelism": OPTIONAL_AT_LEAST_ONE,
+                "mem_gb": Rule(lambda v: v is None or _number(v) and v > 0, "a number > 0, or null"),
+                "gpus_per_node": Rule(lambda v: v is None or _integer(v) and v >= 0, "an integer >= 0, or null")}),
     (CHECKPOINTS, {"every_n_train_steps": Rule(lambda v: v is None or _integer(v) and v >= 0, "an integer >= 0 (0: off)"),
                    "save_top_k": Rule(lambda v: _integer(v) and v >= -1, "an integer >= -1 (-1: keep all)")}),
 ]

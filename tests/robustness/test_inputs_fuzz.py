@@ -284,7 +284,7 @@ TARGET_CASES = [
      ["callbacks.metrics", "limit=0", ">= 1"]),
     ("fusechat_pairwise", "callbacks=[default,metrics] callbacks.metrics.max_length=abc",
      ["callbacks.metrics.max_length='abc'", "int"]),
-    ("fusechat_pairwise", "callbacks=[default,chat_vector] callbacks.chat_vector.special_tokens_map={a:1}",
+    ("fusechat_pairwise", "callbacks=[default,chat_vector] +callbacks.chat_vector.special_tokens_map={a:1}",
      ["callbacks.chat_vector.special_tokens_map={'a': 1}", "dict[int, int]"]),  # element types
     ("fusechat_pairwise", "trainer.val_check_interval=2.5", ["trainer.val_check_interval=2.5", "(0, 1]"]),
     ("fusechat_pairwise", "trainer.val_check_interval={minutez:5}", ["trainer.val_check_interval", "minutes"]),
@@ -445,3 +445,34 @@ def test_the_slurm_launcher_off_a_cluster_is_one_paragraph(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "submitit_slurm needs a SLURM cluster" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("launcher", sorted(p.stem for p in (CONF_DIR / "hydra" / "launcher").glob("*.yaml")))
+def test_every_shipped_launcher_passes_its_rules(tmp_path, launcher):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from fusionlab.run import register_configs
+    from fusionlab.targets import check_target_node
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}", "+experiment=eval_addsub"],
+                      return_hydra_config=True)
+    node = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    node = {k: v for k, v in node.items() if not (isinstance(v, str) and "${" in v)}  # run-time interpolations
+    check_target_node(node, "hydra.launcher")
+
+
+@pytest.mark.parametrize("launcher,override,needle", [
+    ("joblib", "hydra.launcher.n_jobs=0", "hydra.launcher.n_jobs=0 is not valid"),  # joblib's ValueError traceback
+    ("submitit_local", "hydra.launcher.timeout_min=-5", "hydra.launcher.timeout_min=-5 is not valid"),
+])
+def test_a_bad_launcher_setting_stops_the_sweep_before_any_job(tmp_path, launcher, override, needle):
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, "-m", "fusionlab.run", "-m", f"hydra/launcher={launcher}", override,
+                           "+experiment=eval_addsub", "task.limit=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").glob("[0-9]*")), "no job ran"
