@@ -36,7 +36,8 @@ def test_eva_eval_callback_in_a_fit(tmp_path):
     m.train()
     ids = torch.randint(5, 500, (4, 12), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
-    aux = {"tiny_aux": {"source": "random", "tokenizer": "smollm2_135m", "seed": 7, "config": TINY,
+    # another vocabulary (Gemma-3's), so an alignment is built and cached (a same-tokenizer aux gets the identity)
+    aux = {"tiny_aux": {"source": "random", "tokenizer": "gemma3_270m", "seed": 7, "config": TINY,
                         "use_chat_template": False}}
     cb = EvaEvalCallback(task="addsub", limit=2, aux=aux, align_method="exact", max_new_tokens=4,
                          cache_dir=str(tmp_path / "align"), decoder={"topk": 20, "drop": 3}, trigger="validation")
@@ -63,7 +64,8 @@ def test_eva_eval_callback_at_checkpoints_without_validation(tmp_path):
     m.train()
     ids = torch.randint(5, 500, (4, 12), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids), batch_size=2)
-    aux = {"tiny_aux": {"source": "random", "tokenizer": "smollm2_135m", "seed": 7, "config": TINY,
+    # another vocabulary (Gemma-3's), so an alignment is built and cached (a same-tokenizer aux gets the identity)
+    aux = {"tiny_aux": {"source": "random", "tokenizer": "gemma3_270m", "seed": 7, "config": TINY,
                         "use_chat_template": False}}
     cb = EvaEvalCallback(task="addsub", limit=1, aux=aux, max_new_tokens=3, cache_dir=str(tmp_path / "align"),
                          decoder={"topk": 20, "drop": 3})

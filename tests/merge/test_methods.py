@@ -200,7 +200,7 @@ def test_parameters_are_read_from_the_signature():
 def test_parameter_values_are_typed():
     ties = get_method("ties")
     for settings, match in [({"normalize": "yes"}, "true or false"), ({"rescale_norm": "l3"}, "one of"),
-                            ({"tie_break": "random"}, "one of"), ({"lambda": "big"}, "a number")]:
+                            ({"tie_break": "random"}, "one of"), ({"lambda": "big"}, "a finite number")]:
         with pytest.raises(FusionlabError, match=match):
             ties.check_names(settings, "merge.parameters")
     # parameters a method does not honour are refused, not ignored (mergekit accepts and ignores these)
