@@ -253,13 +253,6 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> list[dict]:
     return rows
 
 
-def count_jsonl_rows(path: str | os.PathLike, what: str = "JSONL file") -> int:
-    """Non-empty lines of a JSONL file, without parsing them (cheap enough for config checks)."""
-    path = Path(path)
-    with _reading_user_text(path, what), open(path, encoding=USER_TEXT) as f:
-        return sum(1 for line in f if line.strip())
-
-
 def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
     path = Path(path)
     try:

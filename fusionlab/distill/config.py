@@ -7,12 +7,14 @@ Each default is stated here; ``conf/distill/default.yaml`` states only what diff
 """
 from __future__ import annotations
 
+import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fusionlab.align.mapping import MappingConfig
-from fusionlab.distill.conversations import SHIPPED_CONVERSATIONS, find_conversations
+from fusionlab.distill.conversations import SHIPPED_CONVERSATIONS, find_conversations, load_conversations
 from fusionlab.distill.evaluation import EvalConfig
 from fusionlab.distill.loss import check_loss_options
 from fusionlab.errors import FusionlabError
@@ -21,6 +23,9 @@ from fusionlab.merge.derive import DeriveSpec, PerplexityEval
 from fusionlab.models import ModelSpec
 
 NO_RESUME = ("false", "none", "null", "")
+# config.json keys that fusechat_merge targets must share: weights of one shape are what a merge adds up
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads")
 BASELINES = (None, "clm")
 AUTO_RESUME = ("auto", "last", "true")
 
@@ -30,6 +35,33 @@ def _at_least(where: str, value: int | None, low: int, optional: bool = False) -
         return
     if value is None or value < low:
         raise FusionlabError(f"{where}={value} must be >= {low}{' (or null)' if optional else ''}.")
+
+
+def _weights(spec: ModelSpec) -> tuple:
+    """What decides a model's weights and tokenizer (its name, device, dtype and prompt settings do not)."""
+    path = spec.path
+    if path and Path(path).expanduser().exists():
+        path = str(Path(path).expanduser().resolve())
+    random = spec.source == "random"
+    return (spec.source, path, spec.tokenizer, json.dumps(spec.config, sort_keys=True, default=str) if random else None,
+            spec.seed if random else None)
+
+
+def _check_resume_file(path: Path, value: str) -> None:
+    """A resume checkpoint must be what Lightning reads: a ``torch.save`` zip, or a sharded checkpoint directory
+    (DeepSpeed's holds ``latest``, FSDP's ``meta.pt``). Checked from the name and the zip index only, so a
+    corrupt or truncated file fails at config time, not after the representations are extracted."""
+    if path.is_dir():
+        if (path / "latest").is_file() or (path / "meta.pt").is_file():
+            return
+        inside = sorted(p.name for p in path.glob("*.ckpt"))[:3]
+        hint = f" (it holds {inside}: give one of them)" if inside else ""
+        raise FusionlabError(f"distill.resume={value!r} is a directory, not a checkpoint{hint}; give a .ckpt file "
+                             "(e.g. <run dir>/checkpoints/last.ckpt), auto or false.")
+    if not zipfile.is_zipfile(path):
+        raise FusionlabError(f"distill.resume={value!r} is not a Lightning checkpoint (not the zip archive torch.save "
+                             "writes: truncated, corrupt or another kind of file); give a .ckpt a fit wrote, auto or "
+                             "false (start over).")
 
 
 @dataclass
@@ -45,8 +77,6 @@ class DataConfig:
     val_size: int = 0  # first N fused samples held out for val/loss
 
     def __post_init__(self) -> None:
-        from fusionlab.distill.conversations import count_conversations
-
         find_conversations(self.path)
         _at_least("distill.data.heldout", self.heldout, 1)
         _at_least("distill.data.dev_size", self.dev_size, 1 if self.dev else 0)
@@ -54,7 +84,7 @@ class DataConfig:
         _at_least("distill.data.limit", self.limit, 1, optional=True)
         _at_least("distill.data.max_length", self.max_length, 2)
         _at_least("distill.data.val_size", self.val_size, 0)
-        n = count_conversations(self.path)
+        n = len(load_conversations(self.path))  # every line checked now (ms per thousand), not after models load
         if n - self.heldout - self.dev_size <= self.start:
             raise FusionlabError(f"distill.data.heldout={self.heldout}, dev_size={self.dev_size} and start="
                                  f"{self.start} leave no training conversation of the {n} in {self.path}; lower "
@@ -113,6 +143,19 @@ class DistillConfig:
             if spec.path and spec.path.startswith("derived:") and ref not in self.derive:
                 raise FusionlabError(f"distill.sources.{name}.path={spec.path!r} names no distill.derive entry "
                                      f"(defined: {sorted(self.derive)}).")
+        seen = {"the pivot (distill.pivot, the `model` config)": _weights(self.pivot)}
+        for name, spec in self.sources.items():  # a model fused with itself only costs its extraction
+            same = next((other for other, weights in seen.items() if weights == _weights(spec)), None)
+            if same is not None:
+                raise FusionlabError(f"distill.sources.{name} ({spec.source} {spec.path or spec.tokenizer!r}"
+                                     f"{f', seed {spec.seed}' if spec.source == 'random' else ''}) is the same model as "
+                                     f"{same}: its distributions add nothing; drop it or give another model (a random "
+                                     "model: another seed or config).")
+            seen[f"distill.sources.{name}"] = _weights(spec)
+        scorer = self.implicit.scorer_model
+        if self.mode == "implicit" and scorer is not None and scorer not in ("pivot", *self.sources):
+            raise FusionlabError(f"distill.implicit.scorer_model={scorer!r} is not one of {['pivot', *self.sources]} "
+                                 "(the models that answer the prompts); name one, or null for the first source.")
         if self.pairwise_source is not None and self.pairwise_source not in self.sources:
             raise FusionlabError(f"distill.pairwise_source={self.pairwise_source!r} is not one of the sources "
                                  f"{sorted(self.sources)}.")
@@ -136,6 +179,7 @@ class DistillConfig:
         path = Path(value).expanduser()
         if not path.exists():
             raise FusionlabError(f"distill.resume={value!r} does not exist; give a .ckpt path, auto or false.")
+        _check_resume_file(path, value)
         return str(path)
 
 
@@ -166,3 +210,33 @@ class FuseChatMergeConfig:
             if not (Path(t).expanduser() / "config.json").is_file():
                 raise FusionlabError(f"fusechat_merge.targets entry {t!r} is not an HF checkpoint dir (no "
                                      "config.json); give the distill run's <run dir>/model.")
+        self.named_targets()  # duplicates and architectures, before the pivot is written or a merge planned
+
+    def named_targets(self) -> dict[str, str]:
+        """``targets`` by name (a ``<run>/model`` dir is named after ``<run>``; a clash gets ``_2``, ``_3``…),
+        refusing the same dir twice and targets of different architectures (a merge needs one shape)."""
+        from fusionlab.io import read_json_object
+
+        named: dict[str, str] = {}
+        shapes: dict[str, tuple] = {}
+        for t in self.targets or []:
+            path = Path(t).expanduser()
+            if any(Path(d).expanduser().resolve() == path.resolve() for d in named.values()):
+                raise FusionlabError(f"fusechat_merge.targets lists {t!r} twice: a target merged twice only weighs it "
+                                     "double; list each distilled pivot once.")
+            base = name = path.parent.name if path.name == "model" else path.name
+            suffix = 1
+            # /a/run/model and /b/run/model are merged under two names; pivot and merged name the job's other rows
+            while name in named or name in ("pivot", "merged"):
+                suffix += 1
+                name = f"{base}_{suffix}"
+            cfg = read_json_object(path / "config.json", "target config")
+            shapes[name] = tuple(cfg.get(k) for k in ARCHITECTURE_KEYS)
+            named[name] = t
+        if len(set(shapes.values())) > 1:
+            differ = [i for i, k in enumerate(ARCHITECTURE_KEYS) if len({v[i] for v in shapes.values()}) > 1]
+            listed = "; ".join(f"{named[n]!r}: " + ", ".join(f"{ARCHITECTURE_KEYS[i]}={v[i]}" for i in differ)
+                               for n, v in shapes.items())
+            raise FusionlabError(f"fusechat_merge.targets have different architectures ({listed}); they must all be "
+                                 "distilled from the same pivot (the `model` config) to be merged.")
+        return named

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fusionlab.errors import FusionlabError
-from fusionlab.io import count_jsonl_rows, read_jsonl
+from fusionlab.io import read_jsonl
 
 # The conversations shipped inside the package (500 Alpaca-GPT4 records, ShareGPT format; source and
 # license, CC BY-NC 4.0, in fusionlab/data/chat/README.md).
@@ -49,7 +49,16 @@ def load_conversations(path: str | Path, limit: int | None = None) -> list[dict[
     path = find_conversations(path)
     rows = read_jsonl(path, "Conversation file")
     out = []
+    first_line: dict[str, int] = {}  # id -> the line that used it first
     for n, row in enumerate(rows[: limit if limit else None]):
+        cid = row.get("id", n)
+        if isinstance(cid, bool) or not isinstance(cid, (str, int)):
+            raise FusionlabError(f"Line {n + 1} of {path}: `id` must be a string or an integer, got {cid!r:.80}; "
+                                 "fix it or drop the field (the line number is used then).")
+        if str(cid) in first_line:  # split.json names conversations by id: two of one name cannot be told apart
+            raise FusionlabError(f"Line {n + 1} of {path} repeats id {str(cid)!r} of line {first_line[str(cid)]}; "
+                                 "give every conversation its own id (or drop the ids: line numbers are used).")
+        first_line[str(cid)] = n + 1
         turns = row.get("messages") or row.get("conversations")
         if not turns:
             raise FusionlabError(f"Line {n + 1} of {path} has no `conversations`/`messages` list.")
@@ -65,17 +74,23 @@ def load_conversations(path: str | Path, limit: int | None = None) -> list[dict[
             if not isinstance(content, str):
                 raise FusionlabError(f"Line {n + 1} of {path}: a {role} turn's text must be a string, got "
                                      f"{content!r:.80}.")
+            _check_encodable(content, f"Line {n + 1} of {path} (id {str(cid)!r}): the {role} turn's text")
             messages.append({"role": ROLE_ALIASES[role], "content": content})
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-            raise FusionlabError(f"Line {n + 1} of {path} (id {row.get('id', n)!r}) has no assistant turn with text: "
+            raise FusionlabError(f"Line {n + 1} of {path} (id {str(cid)!r}) has no assistant turn with text: "
                                  "there is nothing to train or evaluate on; drop it or add the reply.")
-        out.append({"id": str(row.get("id", n)), "messages": messages})
+        out.append({"id": str(cid), "messages": messages})
     return out
 
 
-def count_conversations(path: str | Path) -> int:
-    """Non-empty lines of a conversation file (cheap: config checks run it before anything loads)."""
-    return count_jsonl_rows(find_conversations(path), "Conversation file")
+def _check_encodable(text: str, where: str) -> None:
+    """Tokenizers take only text that is valid Unicode; JSON can still spell a lone surrogate (``"\\ud800"``)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise FusionlabError(f"{where} holds {text[err.start]!r} at character {err.start}, a lone UTF-16 surrogate "
+                             "that is not a character (a JSON \\uXXXX escape of half a pair); fix the escape or "
+                             "drop that character.") from None
 
 
 def split_conversations(conversations: list[dict[str, Any]], heldout: int, seed: int = 0,

@@ -300,9 +300,7 @@ def implicit_fusion(dc, make_trainer: Callable[[Path], Any], output_dir: Path, *
         if ic.uses_correctness:
             scores = {n: correctness_scores(ic.task, train, r) for n, r in responses.items()}
         else:
-            scorer = ic.scorer_model or next(iter(dc.sources))
-            if scorer not in specs:
-                raise FusionlabError(f"distill.implicit.scorer_model={scorer!r} is not one of {sorted(specs)}.")
+            scorer = ic.scorer_model or next(iter(dc.sources))  # a known model: checked by DistillConfig
             model, tok = load_model(specs[scorer])
             scores = {n: loglik_scores(model, tok, specs[scorer], train, r) for n, r in responses.items()}
             del model

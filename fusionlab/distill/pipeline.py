@@ -18,6 +18,8 @@ import gc
 import hashlib
 import json
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +82,47 @@ def _representations(spec: ModelSpec, texts: list[dict], out_dir: Path, dc: Dist
     return stats
 
 
+def _cache_root(path: Path, where: str) -> Path:
+    """The cache dir, made now, so one that cannot be (a file in the way, no permission) is named before any
+    model time is spent."""
+    if path.exists() and not path.is_dir():
+        raise FusionlabError(f"{where}={str(path)!r} is a file, not a directory; set distill.cache_dir to a directory "
+                             "(or null: $FUSIONLAB_CACHE/distill/<hash>).")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FusionlabError(f"{where}={str(path)!r} cannot be created ({err.strerror or err}); set "
+                             "distill.cache_dir to a writable directory (or null: $FUSIONLAB_CACHE/distill/<hash>).") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise FusionlabError(f"{where}={str(path)!r} is not writable; set distill.cache_dir to a writable directory "
+                             "(or null: $FUSIONLAB_CACHE/distill/<hash>).")
+    return path
+
+
+def _check_topk(topk: int, tokenizers: dict[str, Any]) -> None:
+    """top-k cannot exceed a vocabulary: torch's topk would fail mid-extraction, after the pivot's was done."""
+    sizes = {who: len(tok) for who, tok in tokenizers.items()}
+    smallest = min(sizes, key=sizes.get)
+    if topk > sizes[smallest]:
+        raise FusionlabError(f"distill.topk={topk} is more than the {sizes[smallest]} tokens of {smallest}'s "
+                             f"vocabulary; use distill.topk <= {sizes[smallest]} (FuseChat keeps 10).")
+
+
+def _check_val_check_interval(trainer, samples: int, batch_size: int) -> None:
+    """Lightning refuses an integer ``val_check_interval`` above an epoch's batches only inside ``fit``, as a
+    traceback; the same rule, in our words."""
+    interval = getattr(trainer, "val_check_interval", None)
+    if not isinstance(interval, int) or isinstance(interval, bool) or getattr(trainer, "check_val_every_n_epoch", 1) is None \
+            or not getattr(trainer, "limit_val_batches", 1):
+        return
+    batches = math.ceil(math.ceil(samples / max(1, int(getattr(trainer, "world_size", 1)))) / batch_size)
+    if interval > batches:
+        raise FusionlabError(f"trainer.val_check_interval={interval} is more than the {batches} training batches of an "
+                             f"epoch ({samples} fused samples, distill.batch_size={batch_size}); lower it, give a "
+                             "fraction of an epoch (e.g. 0.5), or set trainer.check_val_every_n_epoch=null to count "
+                             "batches across epochs.")
+
+
 def _repr_metrics(name: str, stats: dict[str, int]) -> dict[str, int]:
     return {f"repr/{name}_kept": stats["kept"], f"repr/{name}_dropped_nan": stats["dropped_nan"],
             f"repr/{name}_dropped_no_assistant": stats["dropped_no_assistant"]}
@@ -140,6 +183,8 @@ def prepare(dc: DistillConfig) -> FusedData:
     from fusionlab.io import write_json
     from fusionlab.models import cache_dir, load_model, load_tokenizer
 
+    if dc.cache_dir:  # before the derived sources' fine-tunes and any model load
+        _cache_root(Path(dc.cache_dir).expanduser(), "distill.cache_dir")
     dc = resolve_derived_sources(dc)  # derived:<name> sources → their fine-tuned checkpoints
     metrics: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -147,14 +192,16 @@ def prepare(dc: DistillConfig) -> FusedData:
                                               dc.data.heldout_seed, dc.data.dev_size)
     convs = dc.data.train_slice(train)
     pivot_model, pivot_tok = load_model(dc.pivot)
+    source_toks = {name: load_tokenizer(spec) for name, spec in dc.sources.items()}
+    _check_topk(dc.topk, {"the pivot": pivot_tok, **{f"source {n!r}": tok for n, tok in source_toks.items()}})
     texts = prepare_texts(pivot_tok, convs, dc.data.max_length)
     heldout_texts, dropped = scored_texts(dc, pivot_tok, dev if dc.data.dev else heldout)
     metrics[f"{split_name(dc)}/dropped_no_assistant"] = dropped
     data_fp = dataset_fingerprint(texts)
     key = _hash({"pivot": dc.pivot, "data": data_fp, "topk": dc.topk, "max_length": dc.data.max_length,
                  "bos": dc.source_add_bos})
-    root = Path(dc.cache_dir).expanduser() if dc.cache_dir else cache_dir() / "distill" / key
-    root.mkdir(parents=True, exist_ok=True)
+    root = Path(dc.cache_dir).expanduser() if dc.cache_dir else \
+        _cache_root(cache_dir() / "distill" / key, "the distill cache ($FUSIONLAB_CACHE/distill/<hash>)")
     stats = _representations(dc.pivot, texts, root / "pivot", dc, add_bos=False, fingerprint=data_fp,
                              model=pivot_model, tokenizer=pivot_tok)
     metrics.update(_repr_metrics("pivot", stats))
@@ -175,7 +222,7 @@ def prepare(dc: DistillConfig) -> FusedData:
         records, astats = load_fused(fused_path), json.loads(stats_path.read_text())
     else:
         sources = [load_representations(d) for d in src_dirs]
-        src_surfaces = [token_surfaces(load_tokenizer(dc.sources[n])) for n in names]
+        src_surfaces = [token_surfaces(source_toks[n]) for n in names]
         records, astats = build_fused_dataset(load_representations(root / "pivot"), sources, token_surfaces(pivot_tok),
                                               src_surfaces, method=m.method, k=dc.topk,
                                               substring_weight=m.substring_weight, one_to_one=m.one_to_one,
@@ -220,6 +267,7 @@ def fit(dc: DistillConfig, data: FusedData, trainer, output_dir: Path, *, optimi
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     datamodule = FuseDataModule(data.records, batch_size=dc.batch_size, val_size=dc.data.val_size, seed=seed,
                                 num_workers=dc.num_workers, pad_id=pad, candidates=candidates)
+    _check_val_check_interval(trainer, len(datamodule.train), dc.batch_size)
     module = FuseLightningModule(data.pivot_model.train(), optimizer=optimizer, scheduler=scheduler, lam=dc.lam,
                                  temperature=dc.temperature, loss_type=dc.loss_type, fusion_mode=dc.fusion_mode,
                                  lora=dc.lora, gradient_checkpointing=dc.gradient_checkpointing,
@@ -374,18 +422,23 @@ def target_config(dc: DistillConfig, name: str, target: PairwiseTarget, out: Pat
     conversations (``data.start``/``data.limit``: the held-out split stays the same for every target), a
     cache sub dir when ``cache_dir`` is explicit (one data set per cache dir), and the model always
     exported (it is what gets merged)."""
-    where = f"fusechat_merge.pairwise.{name}.distill"
-    tc = with_settings(dc, {**target.distill, "export_model": True}, where)
-    changes: dict[str, Any] = {}
-    if tc.cache_dir:
-        changes["cache_dir"] = str(Path(tc.cache_dir) / name)
-    if target.rows is not None:
-        start, stop = (list(target.rows) + [None])[:2]
-        if stop is not None and stop <= start:
-            raise FusionlabError(f"fusechat_merge.pairwise.{name}.rows={list(target.rows)} selects no conversation; "
-                                 "give [start, stop] with stop > start.")
-        changes["data"] = dataclasses.replace(tc.data, start=start, limit=None if stop is None else stop - start)
-    return dataclasses.replace(tc, **changes)
+    where = f"fusechat_merge.pairwise.{name}"
+    try:
+        tc = with_settings(dc, {**target.distill, "export_model": True}, f"{where}.distill")
+        changes: dict[str, Any] = {}
+        if tc.cache_dir:
+            changes["cache_dir"] = str(Path(tc.cache_dir) / name)
+        if target.rows is not None:
+            start, stop = (list(target.rows) + [None])[:2]
+            if stop is not None and stop <= start:
+                raise FusionlabError(f"{where}.rows={list(target.rows)} selects no conversation; give [start, stop] "
+                                     "with stop > start.")
+            changes["data"] = dataclasses.replace(tc.data, start=start, limit=None if stop is None else stop - start)
+        return dataclasses.replace(tc, **changes)
+    except FusionlabError as err:  # a distill check (rows past the data, a bad value) under this target's name
+        if str(err).startswith(where):
+            raise
+        raise FusionlabError(f"{where} (rows {target.rows}, distill {target.distill}): {err}") from None
 
 
 

@@ -47,7 +47,7 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     check_strategy_devices(OmegaConf.select(cfg, "trainer.strategy._target_"),  # before any model loads
                            OmegaConf.select(cfg, "trainer.accelerator"))
     dc = OmegaConf.to_object(cfg.distill)
-    targets = {(p.parent.name if p.name == "model" else p.name): str(p) for p in map(Path, fm.targets or [])}
+    targets = fm.named_targets()
     metrics: dict[str, Any] = {}
     if not targets:
         fit_kwargs = {"optimizer": instantiate(cfg.optimizer) if cfg.get("optimizer") else None,

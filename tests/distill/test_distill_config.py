@@ -72,7 +72,10 @@ def test_resume_settings(tmp_path):
         assert config(resume=off).resume_checkpoint(tmp_path) is None
     assert config().resume_checkpoint(tmp_path) is None  # auto, nothing to resume from yet
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "checkpoints" / "last.ckpt", "w") as z:  # torch.save's format (an explicit path is checked)
+        z.writestr("last/data.pkl", b"")
     assert config().resume_checkpoint(tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
     assert config(resume=str(tmp_path / "checkpoints" / "last.ckpt")).resume_checkpoint(Path("/elsewhere")) == \
         str(tmp_path / "checkpoints" / "last.ckpt")

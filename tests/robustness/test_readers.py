@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from fusionlab.errors import FusionlabError, user_error
-from fusionlab.io import (check_gguf, count_jsonl_rows, read_json, read_jsonl, read_safetensors_header, read_yaml,
+from fusionlab.io import (check_gguf, read_json, read_jsonl, read_safetensors_header, read_yaml,
                           torch_load)
 
 
@@ -223,9 +223,10 @@ def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
 
 @pytest.mark.parametrize("case,needle", [("utf16", "is not UTF-8 text"), ("dir", "is a directory"),
                                          ("missing", "does not exist")])
-def test_row_count_names_an_unreadable_file(tmp_path, case, needle):
-    """The config-time count of a conversation file (distill.data checks) reads it as text: same errors as the reader."""
-    from fusionlab.distill.conversations import count_conversations
+def test_an_unreadable_conversation_file_is_named(tmp_path, case, needle):
+    """The config-time read of a conversation file (distill.data checks): UTF-16 was a UnicodeDecodeError traceback,
+    a directory 'did not exist'."""
+    from fusionlab.distill.conversations import load_conversations
 
     path = tmp_path / "c.jsonl"
     if case == "utf16":
@@ -233,7 +234,7 @@ def test_row_count_names_an_unreadable_file(tmp_path, case, needle):
     elif case == "dir":
         path.mkdir()
     with pytest.raises(FusionlabError, match=needle) as err:
-        count_jsonl_rows(path, "Conversation file") if case != "dir" else count_conversations(path)
+        load_conversations(path)
     assert "c.jsonl" in str(err.value)
 
 
