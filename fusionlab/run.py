@@ -77,12 +77,17 @@ class ContinueJobNumbers:
         from fusionlab.targets import check_target_node
 
         launcher = OmegaConf.to_container(config.hydra.launcher, resolve=True)
-        if isinstance(launcher, dict) and "_target_" in launcher:  # before the launcher starts any job
-            try:
+        try:
+            if isinstance(launcher, dict) and "_target_" in launcher:  # before the launcher starts any job
                 check_target_node(launcher, "hydra.launcher")
-            except FusionlabError as err:  # Hydra turns a callback's exception into a warning: stop here instead
-                print(f"fusionlab: error: {err}", file=sys.stderr)
-                sys.exit(2)
+            for key in ("n_trials", "n_jobs"):  # Optuna's sweeper: 0 trials was its "Record does not exist" traceback
+                value = config.hydra.sweeper.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                    raise FusionlabError(f"hydra.sweeper.{key}={value!r} must be an integer >= 1 (trials to run / "
+                                         f"to run at once); set hydra.sweeper.{key}=<n>.")
+        except FusionlabError as err:  # Hydra turns a callback's exception into a warning: stop here instead
+            print(f"fusionlab: error: {err}", file=sys.stderr)
+            sys.exit(2)
 
         with read_write(config), open_dict(config):  # resolve it once in the sweep's config: the value is cached
             config["_fusionlab_first_job"] = "${fusionlab_first_job:${hydra.sweep.dir}}"

@@ -476,3 +476,14 @@ def test_a_bad_launcher_setting_stops_the_sweep_before_any_job(tmp_path, launche
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert needle in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").glob("[0-9]*")), "no job ran"
+
+
+def test_an_optuna_search_of_zero_trials_stops_before_the_study(tmp_path):
+    """hydra.sweeper.n_trials=0 made Optuna fail with 'Record does not exist' (a traceback) after creating optuna.db."""
+    env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, "-m", "fusionlab.run", "-m", "+experiment=eval_addsub", "+hparams_search=eva_optuna",
+                           "hydra.sweeper.n_trials=0", f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "hydra.sweeper.n_trials=0 must be an integer >= 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "sweep" / "optuna.db").exists()
