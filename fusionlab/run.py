@@ -69,6 +69,7 @@ class ContinueJobNumbers:
     That resolver is cached, and Hydra copies the sweep's resolver cache into every job's config
     (the mechanism that keeps ``${now:}`` equal across jobs), so resolving it once here, before the first
     job, fixes the offset for the whole sweep — also in joblib / submitit / SLURM worker processes.
+    It also checks the launcher's and the sweeper's settings then, before any job or Optuna study exists.
     """
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
