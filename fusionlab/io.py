@@ -348,6 +348,25 @@ def check_gguf(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_lightning_checkpoint(path: Path, key: str, value: str) -> None:
+    """A resume checkpoint must be what Lightning reads: a ``torch.save`` zip, or a sharded checkpoint directory
+    (DeepSpeed's holds ``latest``, FSDP's ``meta.pt``). Checked from the name and the zip index only, so a
+    corrupt or truncated file fails at config time, not after the representations are extracted."""
+    if path.is_dir():
+        if (path / "latest").is_file() or (path / "meta.pt").is_file():
+            return
+        inside = sorted(p.name for p in path.glob("*.ckpt"))[:3]
+        hint = f" (it holds {inside}: give one of them)" if inside else ""
+        raise FusionlabError(f"{key}={value!r} is a directory, not a checkpoint{hint}; give a .ckpt file "
+                             "(e.g. <run dir>/checkpoints/last.ckpt), auto or false.")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise FusionlabError(f"{key}={value!r} is not a Lightning checkpoint (not the zip archive torch.save "
+                             "writes: truncated, corrupt or another kind of file); give a .ckpt a fit wrote, auto or "
+                             "false (start over).")
+
+
 def torch_load(path: str | os.PathLike, what: str = "checkpoint", **kwargs: Any) -> Any:
     """``torch.load(weights_only=True)``: a file that needs arbitrary pickled code is refused, shortly."""
     import pickle

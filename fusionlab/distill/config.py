@@ -8,7 +8,6 @@ Each default is stated here; ``conf/distill/default.yaml`` states only what diff
 from __future__ import annotations
 
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from fusionlab.distill.conversations import SHIPPED_CONVERSATIONS, find_conversa
 from fusionlab.distill.evaluation import EvalConfig
 from fusionlab.distill.loss import check_loss_options
 from fusionlab.errors import FusionlabError
+from fusionlab.io import check_lightning_checkpoint
 from fusionlab.distill.implicit import FUSION_KINDS, ImplicitConfig
 from fusionlab.merge.derive import DeriveSpec, PerplexityEval
 from fusionlab.models import ModelSpec
@@ -45,23 +45,6 @@ def _weights(spec: ModelSpec) -> tuple:
     random = spec.source == "random"
     return (spec.source, path, spec.tokenizer, json.dumps(spec.config, sort_keys=True, default=str) if random else None,
             spec.seed if random else None)
-
-
-def _check_resume_file(path: Path, value: str) -> None:
-    """A resume checkpoint must be what Lightning reads: a ``torch.save`` zip, or a sharded checkpoint directory
-    (DeepSpeed's holds ``latest``, FSDP's ``meta.pt``). Checked from the name and the zip index only, so a
-    corrupt or truncated file fails at config time, not after the representations are extracted."""
-    if path.is_dir():
-        if (path / "latest").is_file() or (path / "meta.pt").is_file():
-            return
-        inside = sorted(p.name for p in path.glob("*.ckpt"))[:3]
-        hint = f" (it holds {inside}: give one of them)" if inside else ""
-        raise FusionlabError(f"distill.resume={value!r} is a directory, not a checkpoint{hint}; give a .ckpt file "
-                             "(e.g. <run dir>/checkpoints/last.ckpt), auto or false.")
-    if not zipfile.is_zipfile(path):
-        raise FusionlabError(f"distill.resume={value!r} is not a Lightning checkpoint (not the zip archive torch.save "
-                             "writes: truncated, corrupt or another kind of file); give a .ckpt a fit wrote, auto or "
-                             "false (start over).")
 
 
 @dataclass
@@ -179,7 +162,7 @@ class DistillConfig:
         path = Path(value).expanduser()
         if not path.exists():
             raise FusionlabError(f"distill.resume={value!r} does not exist; give a .ckpt path, auto or false.")
-        _check_resume_file(path, value)
+        check_lightning_checkpoint(path, "distill.resume", value)
         return str(path)
 
 
