@@ -32,7 +32,7 @@ the reserve (156 examples per task; E2E 158; BLEU over the pooled corpus). Its w
     PYTHONPATH=. python experiments/eva/evidence.py run --split reserve   # -> evidence_reserve/
     PYTHONPATH=. python experiments/eva/evidence.py select --with-reserve
 
-**Confirmation on ASDiv (rule fixed before the run, 2026-12-05 00:45 UTC).** "Above the best member on at
+**Confirmation on ASDiv (rule fixed before the run, 2026-12-05 00:27 UTC).** "Above the best member on at
 least one task" is still unmet: no test interval excludes 0. The one interval that did was selection data (the
 gate on ASDiv's dev part pooled with the reserve: +0.045 [+0.006, +0.090]), while ASDiv's test row (n = 120)
 read −0.042 [−0.117, +0.033]: the hypothesis comes from the selection data and is tested on examples nobody has
