@@ -158,7 +158,11 @@ class DistillConfig:
             return None
         if value.lower() in AUTO_RESUME:
             last = Path(output_dir) / "checkpoints" / "last.ckpt"
-            return str(last) if last.exists() else None
+            if not last.exists():
+                return None
+            # a last.ckpt truncated by a kill or a full disk: say so now, not as torch's zip error mid-fit
+            check_lightning_checkpoint(last, "distill.resume", f"auto ({last})")
+            return str(last)
         path = Path(value).expanduser()
         if not path.exists():
             raise FusionlabError(f"distill.resume={value!r} does not exist; give a .ckpt path, auto or false.")

@@ -174,3 +174,17 @@ def test_cli_refuses_topk_larger_than_the_vocabulary_before_extraction(tmp_path)
     assert "distill.topk=100000 is more than the 49152 tokens" in proc.stderr and "Traceback" not in proc.stderr
     assert {p.name for p in run_dir.iterdir()} <= RUN_RECORDS
     assert not any((tmp_path / "cache").iterdir())  # no representation was extracted
+
+
+def test_resume_auto_checks_the_last_checkpoint_it_would_continue(tmp_path):
+    """A last.ckpt cut short by a kill or a full disk was handed to Lightning as is (torch's zip error mid-run)."""
+    dc = DistillConfig(pivot=PIVOT, sources={"s": SOURCE}, resume="auto")
+    assert dc.resume_checkpoint(tmp_path) is None  # nothing to continue: a fresh fit
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    with zipfile.ZipFile(last, "w") as z:
+        z.writestr("archive/data.pkl", b"x" * 4096)
+    assert dc.resume_checkpoint(tmp_path) == str(last)
+    last.write_bytes(last.read_bytes()[:2000])
+    with pytest.raises(FusionlabError, match=r"distill.resume='auto \(.*last.ckpt\)' is not a Lightning checkpoint"):
+        dc.resume_checkpoint(tmp_path)
