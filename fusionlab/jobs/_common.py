@@ -7,7 +7,7 @@ import logging
 import secrets
 import string
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -189,6 +189,19 @@ def lightning_trainer(cfg: DictConfig, output_dir: Path):
     if cfg.trainer.get("enable_progress_bar") is False:  # Lightning refuses a bar callback then
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=lightning_loggers(cfg, output_dir) or False)
+
+
+def trainer_factory(cfg: DictConfig, first: Path) -> Callable[[Path], Any]:
+    """``make_trainer`` for the library pipelines, with the trainer for ``first`` (the pipeline's first fit) built
+    now: its loggers start here, so W&B without network or key refuses before the representations are extracted
+    and the pivot is scored, not after."""
+    ready = {Path(first): lightning_trainer(cfg, Path(first))}
+
+    def make_trainer(output_dir: Path) -> Any:
+        built = ready.pop(Path(output_dir), None)
+        return built if built is not None else lightning_trainer(cfg, Path(output_dir))
+
+    return make_trainer
 
 
 def task_inputs(cfg: DictConfig):

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fusionlab.jobs._common import check_resume, lightning_trainer
+from fusionlab.jobs._common import check_resume, trainer_factory
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +38,10 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     if dc.mode == "implicit":  # FuseChat-3.0: sample, score, SFT, DPO/WRPO (fusionlab.distill.implicit)
         from fusionlab.distill.implicit import implicit_fusion
 
-        metrics = implicit_fusion(dc, lambda out: lightning_trainer(cfg, out), output_dir, **fit_kwargs)
+        metrics = implicit_fusion(dc, trainer_factory(cfg, output_dir / "sft"), output_dir, **fit_kwargs)
         baseline = "sft"
     else:
-        metrics = distill(dc, lambda out: lightning_trainer(cfg, out), output_dir, **fit_kwargs)
+        metrics = distill(dc, trainer_factory(cfg, output_dir), output_dir, **fit_kwargs)
         baseline = "clm"
     from fusionlab.report.tables import comparison_markdown
 
