@@ -156,17 +156,14 @@ def score_checkpoints(dc: DistillConfig, checkpoints: dict[str, str | Path], see
     """Held-out CE / perplexity (and the task of ``dc.eval``) of HF checkpoint dirs that share the pivot's
     tokenizer — FuseChat's table: the pivot, every pairwise target and their merge, on the SAME conversations
     and examples, with intervals and the paired ``differences`` [(a, b): a − b]."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from fusionlab.distill.evaluation import HeldoutScores
-    from fusionlab.models import load_tokenizer
+    from fusionlab.models import ModelSpec, load_model, load_tokenizer
 
     tok = load_tokenizer(dc.pivot)
     texts, dropped = scored_texts(dc, tok)
     scores = HeldoutScores(split_name(dc), differences=differences)
     for name, path in checkpoints.items():
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        model, _ = load_model(ModelSpec(name=name, source="hf", path=str(path)))  # a NaN/inf target refused, named
         scores.score(name, model, tok, texts, dc.eval, dc.pivot.use_chat_template, seed)
         del model
         gc.collect()

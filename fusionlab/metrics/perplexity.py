@@ -17,13 +17,11 @@ import torch
 def perplexity(model_dir: str | Path, texts: list[str] | Mapping[str, list[str]], max_length: int = 256,
                batch_size: int = 4) -> float | dict[str, float]:
     """exp(mean token NLL) of a checkpoint over ``texts`` (padding excluded); a dict of text sets gives one each."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from fusionlab.models import ModelSpec, load_model
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    # through load_model: a damaged directory or a NaN/inf weight is refused, naming it, not scored as a number
+    model, tok = load_model(ModelSpec(name=str(model_dir), source="hf", path=str(model_dir)))
     tok.padding_side = "right"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     sets = texts if isinstance(texts, Mapping) else {"": texts}
     out = {}
     for name, items in sets.items():

@@ -141,6 +141,24 @@ def test_load_model_refuses_a_nan_weight(models):
     assert NAN_TENSOR in message and "'broken'" in message and str(models["nan"]) in message and "NaN or inf" in message
 
 
+def test_perplexity_and_checkpoint_scores_refuse_a_nan_weight(models):
+    """The merge job's and fusechat_merge's scorers loaded checkpoints with from_pretrained directly: a NaN
+    weight became ppl nan (or a NaN held-out CE) in metrics.json with exit 0."""
+    from fusionlab.distill.config import DistillConfig
+    from fusionlab.distill.pipeline import score_checkpoints
+    from fusionlab.metrics.perplexity import perplexity
+    from fusionlab.models import ModelSpec
+
+    assert perplexity(models["ok"], ["one short text", "and another"]) > 1  # the same path, a finite model
+    with pytest.raises(FusionlabError, match=NAN_TENSOR):
+        perplexity(models["nan"], ["one short text"])
+    pivot = ModelSpec(name="pivot", source="hf", path=str(models["ok"]))
+    other = ModelSpec(name="s", source="hf", path=str(models["overflow"]))  # a source is required, never loaded
+    dc = DistillConfig(pivot=pivot, sources={"s": other})
+    with pytest.raises(FusionlabError, match=NAN_TENSOR + r".*'target'"):
+        score_checkpoints(dc, {"target": str(models["nan"])}, seed=0)
+
+
 def test_checkpoint_reader_refuses_a_nan_tensor_for_every_streaming_job(models, tmp_path):
     """merge, chat_vector, extract_lora and tokensurgeon read through CheckpointReader.get; tokensurgeon had no check."""
     from fusionlab.merge.tokenizer import transplant
