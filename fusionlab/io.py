@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from fusionlab.errors import FusionlabError
+
+log = logging.getLogger(__name__)
 
 OUTPUT_MARKER = ".fusionlab-output"  # in every directory atomic_dir writes: proof that fusionlab owns it
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)\.[^.]+\.tmp$")
@@ -443,6 +446,20 @@ def manifest_problem(directory: str | os.PathLike) -> str | None:
         if content_hash(p) != want["hash"]:
             return f"{name}'s content changed since it was written"
     return None
+
+
+def intact_cache_entry(directory: str | os.PathLike, what: str) -> bool:
+    """Whether a cache entry (written with :func:`write_manifest`) exists and is whole. A damaged one — a file
+    truncated or altered since, or no manifest (an interrupted or older write) — is reported here, once, and the
+    caller builds it again: never used, never a traceback later."""
+    directory = Path(directory)
+    if not directory.exists():
+        return False
+    problem = manifest_problem(directory)
+    if problem is None:
+        return True
+    log.warning("The cached %s at %s cannot be used (%s): building it again.", what, directory, problem)
+    return False
 
 
 def pause_for_tests(stage: str) -> None:

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from fusionlab.errors import FusionlabError
-from fusionlab.io import atomic_dir
+from fusionlab.io import atomic_dir, intact_cache_entry, write_manifest
 from fusionlab.models.resolve import DERIVED_PREFIX, resolve_checkpoint
 from fusionlab.tasks.texts import TEXT_SETS, load_text_set
 
@@ -115,11 +115,12 @@ def _key(*parts: Any) -> str:
 
 def finetune(base_dir: str | Path, texts: list[str], out_dir: str | Path, *, steps: int, lr: float, batch_size: int,
              max_length: int, seed: int) -> Path:
-    """A short real fine-tune (AdamW, causal LM on ``texts``); written atomically with the tokenizer."""
+    """A short real fine-tune (AdamW, causal LM on ``texts``); written atomically with the tokenizer and a manifest,
+    so a damaged entry is trained again (the same seed: the same weights)."""
     from fusionlab.models import ModelSpec, load_model
 
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists():
+    if intact_cache_entry(out_dir, "fine-tune"):
         return out_dir
     torch.manual_seed(seed)
     # fusionlab's loader: an unloadable tokenizer or a NaN weight is named, not a transformers traceback
@@ -152,6 +153,7 @@ def finetune(base_dir: str | Path, texts: list[str], out_dir: str | Path, *, ste
         (tmp / "finetune.json").write_text(json.dumps({"base": str(base_dir), "steps": steps, "lr": lr,
                                                       "batch_size": batch_size, "max_length": max_length,
                                                       "seed": seed, "losses": losses}, indent=2))
+        write_manifest(tmp)
     return out_dir
 
 
@@ -194,7 +196,7 @@ def perturb(base_dir: str | Path, out_dir: str | Path, scale: float = 0.01, seed
     from fusionlab.merge.io import ST_DTYPES, CheckpointReader, ShardWriter, copy_aux_files
 
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists():
+    if intact_cache_entry(out_dir, "perturbed checkpoint"):
         return out_dir
     r = CheckpointReader(base_dir)
     floating = {n: ST_DTYPES[r.dtype[n]].is_floating_point for n in r.names}
@@ -212,4 +214,5 @@ def perturb(base_dir: str | Path, out_dir: str | Path, scale: float = 0.01, seed
         finally:
             w.close()
         copy_aux_files(r.dir, tmp)
+        write_manifest(tmp)
     return out_dir

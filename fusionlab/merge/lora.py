@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from fusionlab.errors import FusionlabError
-from fusionlab.io import atomic_dir, check_not_an_input, check_output_path, read_json_object
+from fusionlab.io import (atomic_dir, check_not_an_input, check_output_path, intact_cache_entry, read_json_object,
+                          write_manifest)
 from fusionlab.merge.io import AUX_FILES, CheckpointReader, ShardWriter, is_embedding
 from fusionlab.merge.derive import DeriveSpec, PerplexityEval
 from fusionlab.models.resolve import DERIVED_PREFIX, resolve_checkpoint, torch_dtype
@@ -163,7 +164,7 @@ def resolve_lora(path: str | Path, base: str | Path | None = None) -> Path:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
     out = cache_dir() / "lora_merged" / h.hexdigest()[:16]
-    if (out / "config.json").exists():
+    if intact_cache_entry(out, "merged LoRA"):
         return out
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -176,6 +177,7 @@ def resolve_lora(path: str | Path, base: str | Path | None = None) -> Path:
             if (Path(base_dir) / name).exists() and not (tmp / name).exists():
                 shutil.copy2(Path(base_dir) / name, tmp / name)
         (tmp / "fusionlab_lora_source.json").write_text(json.dumps({"lora": str(path), "base": str(base_dir)}) + "\n")
+        write_manifest(tmp)
     log.info("Merged LoRA %s into %s -> %s", path, base_dir, out)
     return out
 

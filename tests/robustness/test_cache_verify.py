@@ -82,3 +82,53 @@ def test_truncated_embedded_model_is_rebuilt_equal(tmp_path, monkeypatch, caplog
     assert sum("converting it again" in r.message for r in caplog.records) == 1
     assert manifest_problem(rebuilt) is None
     assert content_hash(rebuilt / "model.safetensors") == content_hash(original / "model.safetensors")
+
+
+def _damage_weights(directory):
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+
+def test_a_damaged_derived_fine_tune_is_trained_again_to_the_same_weights(tmp_path, caplog):
+    """The merge experiments' derived checkpoints were reused whenever config.json existed: a truncated
+    model.safetensors was a load error on every later run, never rebuilt."""
+    from fusionlab.merge.derive import finetune
+    from tests.conftest import TINY_DIMS
+    from fusionlab.models import load_model
+
+    model, tok = load_model({"name": "tiny", "source": "random", "tokenizer": "smollm2_135m",
+                             "config": {"model_type": "llama", **TINY_DIMS}})
+    base = tmp_path / "base"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    settings = dict(steps=2, lr=1e-3, batch_size=2, max_length=16, seed=0)
+    out = finetune(base, ["one text to learn", "and a second one"], tmp_path / "ft", **settings)
+    first = content_hash(out / "model.safetensors")
+    assert manifest_problem(out) is None
+    _damage_weights(out)
+    with caplog.at_level(logging.WARNING):
+        again = finetune(base, ["one text to learn", "and a second one"], tmp_path / "ft", **settings)
+    assert sum("cached fine-tune" in r.message and "building it again" in r.message for r in caplog.records) == 1
+    assert again == out and content_hash(out / "model.safetensors") == first
+
+
+def test_a_damaged_merged_lora_is_merged_again(tmp_path, monkeypatch, caplog):
+    """resolve_lora's cache (base + adapter, merged by peft) was reused whenever config.json existed."""
+    import torch
+
+    from fusionlab.merge.lora import extract_lora, resolve_lora
+    from tests.merge.conftest import TINY, tiny_state, write_model
+
+    monkeypatch.setenv("FUSIONLAB_CACHE", str(tmp_path / "cache"))
+    base_sd = tiny_state(0, TINY)
+    g = torch.Generator().manual_seed(5)
+    base = write_model(tmp_path / "base", base_sd, TINY)
+    ft = write_model(tmp_path / "ft", {n: t + 0.1 * torch.randn(t.shape, generator=g) for n, t in base_sd.items()}, TINY)
+    extract_lora(base, ft, tmp_path / "lora", rank=4)
+    merged = resolve_lora(tmp_path / "lora")
+    first = content_hash(merged / "model.safetensors")
+    _damage_weights(merged)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_lora(tmp_path / "lora") == merged
+    assert sum("cached merged LoRA" in r.message for r in caplog.records) == 1
+    assert manifest_problem(merged) is None and content_hash(merged / "model.safetensors") == first
