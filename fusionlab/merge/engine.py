@@ -258,6 +258,12 @@ def plan(cfg: MergeConfig, derived: Mapping[str, str | Path] | None = None) -> M
         except FusionlabError as e:  # the same problem at many tensors: listed once, with the tensors
             problems.add("parameter problems", str(e).replace(f" at tensor {out_name!r}", "").rstrip("."), out_name)
             return
+        if method.weight_sum and shared.get(method.weight_sum) and all("weight" in pm for pm in per_model) \
+                and abs(sum(float(pm["weight"]) for pm in per_model)) < 1e-8:
+            problems.add("parameter problems", f"the weights sum to 0 and {method.name} divides by their sum "
+                         f"({method.weight_sum}=true): every output value would be NaN or inf; give weights with a "
+                         f"non-zero sum or set {method.weight_sum}=false", out_name)
+            return
         if compute is not None:
             work = compute
         else:  # mergekit: the promoted dtype of the inputs

@@ -275,7 +275,7 @@ def della_linear(base: Tensor, tensors: list[Tensor], *, weight: PerModel[float]
 
 
 # --------------------------------------------------------------------------- other methods
-@merge_method(base="input", min_models=2)
+@merge_method(base="input", min_models=2, weight_sum="normalize")
 def linear(base: None, tensors: list[Tensor], *, weight: PerModel[float], normalize: bool = True) -> Tensor:
     """Linear / model soup (Wortsman et al. 2022, arXiv 2203.05482): Σ wᵢ θᵢ / Σ wᵢ.
 
@@ -457,7 +457,7 @@ def nuslerp(base: Tensor | None, tensors: list[Tensor], *, weight: PerModel[floa
     return base + _nuslerp(t, tensors[0] - base, tensors[1] - base, nuslerp_row_wise, nuslerp_flatten)
 
 
-@merge_method(base="optional")
+@merge_method(base="optional", weight_sum="normalize_weights")
 def multislerp(base: Tensor | None, tensors: list[Tensor], *, weight: PerModel[float], normalize_weights: bool = True,
                eps: float = 1e-8) -> Tensor:
     """Multi-SLERP (Goddard 2024): barycentric interpolation on the hypersphere of N models (task vectors

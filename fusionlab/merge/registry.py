@@ -107,6 +107,7 @@ class Method:
     min_models: int = 1  # models besides the base (for base="input": all inputs, the base being one)
     max_models: int | None = None
     random: bool = False  # takes a seeded generator
+    weight_sum: str | None = None  # the switch under which it divides by Σ weight unguarded (a zero sum: NaN/inf)
 
     @property
     def shared(self) -> dict[str, Any]:
@@ -163,7 +164,7 @@ def _parameter(arg: inspect.Parameter, hint: Any, method: str) -> Parameter:
 
 
 def merge_method(fn: Callable[..., torch.Tensor] | None = None, *, name: str | None = None, base: str = "required",
-                 min_models: int = 1, max_models: int | None = None):
+                 min_models: int = 1, max_models: int | None = None, weight_sum: str | None = None):
     """Register ``fn`` as the merge method ``name`` (default: the function's name); see the module docstring."""
 
     def register(f: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -180,7 +181,7 @@ def merge_method(fn: Callable[..., torch.Tensor] | None = None, *, name: str | N
         options = [a for a in args[2:] if a.name != GENERATOR]
         METHODS[method] = Method(method, f, tuple(_parameter(a, hints.get(a.name), method) for a in options),
                                  base=base, min_models=min_models, max_models=max_models,
-                                 random=any(a.name == GENERATOR for a in args[2:]))
+                                 random=any(a.name == GENERATOR for a in args[2:]), weight_sum=weight_sum)
         return f
 
     return register(fn) if fn is not None else register

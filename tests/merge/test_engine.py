@@ -146,6 +146,19 @@ def test_a_bad_value_in_a_filter_list_fails_at_plan_time(tmp_path, family):
                                                                                                      "rescale": True}}])
 
 
+@pytest.mark.parametrize("method,switch", [("linear", "normalize"), ("multislerp", "normalize_weights")])
+def test_weights_that_sum_to_zero_under_normalize_fail_at_plan_time(tmp_path, family, method, switch):
+    """linear / multislerp divide by the weight sum: a zero sum was found only at the first output tensor (NaN)."""
+    from fusionlab.merge import plan
+
+    models = [{"model": str(family["m0"]), "parameters": {"weight": 1.0}},
+              {"model": str(family["m1"]), "parameters": {"weight": -1.0}}]
+    with pytest.raises(FusionlabError, match=rf"weights sum to 0 and {method} divides by their sum \({switch}=true\)"):
+        plan(cfg(tmp_path / "out", method, models=models))
+    _assert_nothing_written(tmp_path / "out")
+    plan(cfg(tmp_path / "out", method, models=models, parameters={switch: False}))  # no division: planned
+
+
 def test_existing_output_is_kept_unless_overwrite(tmp_path, family):
     out = tmp_path / "out"
     out.mkdir()
