@@ -439,6 +439,11 @@ def target_config(dc: DistillConfig, name: str, target: PairwiseTarget, out: Pat
 
 
 
+def finished_target(out: Path) -> bool:
+    """Whether the pairwise target in ``out`` was made already (its ``model/`` exists): it is reused, not refit."""
+    return (Path(out) / "model" / "config.json").exists()
+
+
 def pairwise_targets(dc: DistillConfig, pairwise: dict[str, PairwiseTarget], out_root: Path,
                      make_trainer: Callable[[Path], Any], **fit_kwargs: Any) -> tuple[dict[str, str], dict[str, Any]]:
     """FuseChat's pairwise fusion targets: one distillation per entry, in ``<out_root>/<name>``.
@@ -452,7 +457,7 @@ def pairwise_targets(dc: DistillConfig, pairwise: dict[str, PairwiseTarget], out
     for name, tc in configs.items():
         out = out_root / name
         model_dir = out / "model"
-        if (model_dir / "config.json").exists():
+        if finished_target(out):
             log.info("Pairwise target %s exists (%s): reused", name, model_dir)
         else:
             m = distill(tc, make_trainer, out, **fit_kwargs)

@@ -28,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from fusionlab.errors import FusionlabError
-from fusionlab.jobs._common import lightning_trainer, make_tracker
+from fusionlab.jobs._common import lightning_trainer, make_tracker, trainer_factory
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
     from hydra.utils import instantiate
 
-    from fusionlab.distill.pipeline import pairwise_targets, pivot_checkpoint, score_checkpoints
+    from fusionlab.distill.pipeline import finished_target, pairwise_targets, pivot_checkpoint, score_checkpoints
     from fusionlab.merge import InputModel, MergeConfig, merge, plan
 
     if cfg.get("merge") is None:
@@ -53,8 +53,11 @@ def run(cfg: DictConfig, output_dir: Path) -> dict[str, Any]:
         fit_kwargs = {"optimizer": instantiate(cfg.optimizer) if cfg.get("optimizer") else None,
                       "scheduler": instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
                       "seed": int(cfg.seed or 0)}
-        targets, metrics = pairwise_targets(dc, fm.pairwise, output_dir / "pairwise",
-                                            lambda out: lightning_trainer(cfg, out), **fit_kwargs)
+        # the first target to fit gets its trainer (and loggers: W&B refuses) before any target is prepared
+        first = next((output_dir / "pairwise" / n for n in fm.pairwise
+                      if not finished_target(output_dir / "pairwise" / n)), None)
+        make_trainer = trainer_factory(cfg, first) if first else lambda out: lightning_trainer(cfg, out)
+        targets, metrics = pairwise_targets(dc, fm.pairwise, output_dir / "pairwise", make_trainer, **fit_kwargs)
     if len(targets) < 2:
         log.warning("Only %d fusion target(s): SCE of one target against the pivot is that target.", len(targets))
 

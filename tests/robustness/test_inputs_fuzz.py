@@ -489,12 +489,13 @@ def test_an_optuna_search_of_zero_trials_stops_before_the_study(tmp_path):
     assert not (tmp_path / "sweep" / "optuna.db").exists()
 
 
-def test_wandb_refuses_before_the_distillation_prepares_anything(tmp_path):
-    """The distill job started its W&B run only when the trainer was built, after the representations were
+@pytest.mark.parametrize("experiment", ["fusechat_pairwise", "fusechat_merge"])
+def test_wandb_refuses_before_the_distillation_prepares_anything(tmp_path, experiment):
+    """The distill jobs started their W&B run only when the trainer was built, after the representations were
     extracted and the pivot scored: W&B without network (the GPU box) or with a bad mode failed minutes in."""
     env = {**os.environ, "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0", "WANDB_MODE": "bogus"}
-    proc = subprocess.run([sys.executable, "-m", "fusionlab.run", "+experiment=fusechat_pairwise",
+    proc = subprocess.run([sys.executable, "-m", "fusionlab.run", f"+experiment={experiment}",
                            f"hydra.run.dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "WANDB_MODE='bogus'" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "split.json").exists()  # nothing of the pipeline ran
+    assert not list(tmp_path.rglob("split.json"))  # nothing of the pipeline ran
