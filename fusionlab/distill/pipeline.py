@@ -438,7 +438,6 @@ def target_config(dc: DistillConfig, name: str, target: PairwiseTarget, out: Pat
         raise FusionlabError(f"{where} (rows {target.rows}, distill {target.distill}): {err}") from None
 
 
-
 def finished_target(out: Path) -> bool:
     """Whether the pairwise target in ``out`` was made already (its ``model/`` exists): it is reused, not refit."""
     return (Path(out) / "model" / "config.json").exists()
@@ -468,6 +467,7 @@ def pairwise_targets(dc: DistillConfig, pairwise: dict[str, PairwiseTarget], out
                                      "fusechat_merge.targets instead.")
         targets[name] = str(model_dir)
     return targets, metrics
+
 
 def pivot_checkpoint(spec: ModelSpec, out: Path) -> Path:
     """The pivot as a safetensors dir: the embedded/HF checkpoint itself, else (random, gguf) saved once to ``out``."""
