@@ -47,6 +47,24 @@ table (the stricter baseline).
     PYTHONPATH=. python experiments/eva/evidence.py run --split extension   # -> evidence_extension/
     PYTHONPATH=. python experiments/eva/evidence.py report --split extension [--with-test]
 
+**Partner selection (rule fixed before its warm-ups ran, 2026-12-05 07:45 UTC).** On E2E every variant is
+below SmolLM2 alone beyond its interval (test, dev and reserve alike): Gemma-3 is far weaker there (BLEU 20 vs
+32), and the ensemble inherits its errors. UniTE's partner rule (SUCCESSORS.md §1d) says not to ensemble with
+such a member at all. fusionlab's compatibility check already flags it (``compat_<aux>_likely_hurts``: warm-up
+score > 10% below the main model's beyond warm-up noise, replies > 2x longer or shorter, P@1 < 0.5 or main
+coverage < 50%; thresholds as committed on 2026-12-03, unchanged); ``ensemble.partners=compatible`` acts on it:
+a flagged aux member is left out of the ensemble (all flagged: the ensemble is the main model alone). The idea
+comes from the E2E test rows, so those rows cannot show it works; the evaluation is fixed here before any
+warm-up is decoded:
+- the warm-up is the job's own: the first 8 dev examples of each task (demonstration-free, greedy; the job's
+  ``inputs.dev[:ensemble.warmup]``), one decision per task, recorded in ``evidence_partners.json``;
+- a fourth variant ``partners`` = the gate where Gemma-3 is not flagged, SmolLM2 alone where it is (exactly
+  what the job decodes); ``select --with-reserve`` applies the second selection's rule to all four on the
+  dev part pooled with the reserve; the winner becomes the ``eva_*`` default, whichever it is;
+- reported beside the others on the test table and on the ASDiv extension; no other setting changes.
+
+    PYTHONPATH=. python experiments/eva/evidence.py partners   # the warm-ups -> evidence_partners.json
+
 Settings are not tuned on the reported examples: prompts (4-shot equation format) were chosen on the dev
 part of AddSub; the ensemble settings are the papers' (EVA: top-k 320, drop 3 for math / 40 for
 generation; UniTE: k = 10, no filter; GaC: gate threshold 0.5).
